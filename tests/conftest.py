@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random Qwen2 checkpoints in the Hugging Face layout, built locally."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+GSM8K_DIR = os.path.join(SHARED, "gsm8k")
+QWEN_TOKENIZER = os.path.join(SHARED, "qwen2.5-tokenizer", "tokenizer.json")
+
+# Two tiny shapes: tied embeddings with GQA 4:2, untied with GQA 6:1 (3 layers).
+TINY = {
+    "tied": dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0),
+    "untied": dict(vocab_size=131, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                   num_attention_heads=6, num_key_value_heads=1, tie_word_embeddings=False, rope_theta=1e6),
+}
+
+
+def hf_config_dict(**kw):
+    base = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rms_norm_eps=1e-6,
+                max_position_embeddings=512, use_sliding_window=False, hidden_act="silu",
+                torch_dtype="float32", bos_token_id=0, eos_token_id=1)
+    base.update(kw)
+    return base
+
+
+def make_hf_model(name="tied", seed=0):
+    """A transformers Qwen2ForCausalLM with random weights (biases too, so they are tested)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(**{k: v for k, v in hf_config_dict(**TINY[name]).items() if k != "model_type"})
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(params=["tied", "untied"])
+def hf_pair(request, tmp_path):
+    """(transformers model, folder it was saved to) for each tiny shape."""
+    hf = make_hf_model(request.param)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    return hf, str(tmp_path)
