@@ -1,0 +1,335 @@
+"""Per-module-rank LoRA (Hu et al., arXiv 2106.09685) for any nn.Linear, addressed by module path.
+
+Every allocation strategy of the study is a map {module path: rank}; this file turns such a map into
+adapters, checks it so a key can never silently select nothing (the study lost 2.3M parameters to
+PEFT's regex keys), counts it exactly, and saves/loads it in PEFT's on-disk format.
+
+Pattern keys are module paths with shell-style wildcards (`*`, `?`, `[...]`) matched against the whole
+path with `fnmatch.fnmatchcase`: `model.layers.15.*.q_proj` is layer 15's q_proj and nothing else, since
+`.` is literal. When several keys match a module, the most specific one wins: the key with the most
+literal (non-wildcard) characters, so an exact path beats any pattern. Two equally specific keys that
+match the same module with different values are an error.
+
+The LoRA scale s multiplies B·A. With ranks that differ across modules, three policies exist:
+  fixed     s = alpha / r     PEFT's default: a module with more rank also takes smaller steps
+  constant  s = alpha / r0    the same s for every module (alpha_i = s·r_i), r0 the default rank
+  rslora    s = alpha / √r    rank-stabilised LoRA (Kalajievsky, arXiv 2312.03732)
+The default is `fixed`, because it is what the study's PEFT set-up does unless told otherwise; the
+profiler reports gradients normalised by s·√r so its mechanical effect on gradient norms is visible.
+
+Not implemented: bias training, DoRA, fan-in-fan-out weights, several adapters at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+import json
+import math
+import os
+import re
+
+import torch
+import torch.nn as nn
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SCALE_POLICIES = ("fixed", "constant", "rslora")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus scale · B(A(dropout(x))); names as PEFT's (base_layer, lora_A, lora_B)."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, scale: float, dropout: float = 0.0):
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {r}")
+        self.base_layer = base_layer
+        self.r, self.scale = r, scale
+        device = base_layer.weight.device
+        # Adapter weights stay fp32 even on a bf16 base: they are what is trained.
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+        self.disabled = False
+        self._unmerged_weight = None  # the original base weight while merged
+
+    def reset_parameters(self):
+        """PEFT's init: A Kaiming-uniform (a=√5, i.e. nn.Linear's default), B zero, so B·A starts at 0."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def merged(self) -> bool:
+        return self._unmerged_weight is not None
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.disabled or self.merged:
+            return y
+        a = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))
+        return y + (self.lora_B(a) * self.scale).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold B·A into a new base weight; the original is kept so unmerge restores it bit for bit."""
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        self._unmerged_weight = w.data
+        w.data = (w.data.float() + self.delta_weight()).to(w.dtype)
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base_layer.weight.data = self._unmerged_weight
+            self._unmerged_weight = None
+
+
+# --------------------------------------------------------------------------------------- patterns
+
+def target_paths(model: nn.Module, targets=TARGETS) -> list[str]:
+    """Paths of every nn.Linear whose last name is one of `targets`, in module order."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, LoRALinear)) and n.rsplit(".", 1)[-1] in targets
+            and not n.endswith(("lora_A", "lora_B", "base_layer"))]
+
+
+def _specificity(key: str) -> int:
+    return len(re.sub(r"\[[^\]]*\]|[*?]", "", key))
+
+
+def resolve_pattern(pattern: dict | None, paths: list[str], what: str = "rank_pattern") -> dict:
+    """{path: value} for the paths that some key matches (most specific key wins); validates every key."""
+    if not pattern:
+        return {}
+    for key in pattern:
+        if not any(fnmatch.fnmatchcase(p, key) for p in paths):
+            near = difflib.get_close_matches(key, paths, n=3, cutoff=0.0)
+            raise ValueError(f"{what} key {key!r} matches no targeted module; nearest real paths: {near}")
+    out = {}
+    for p in paths:
+        hits = [k for k in pattern if fnmatch.fnmatchcase(p, k)]
+        if not hits:
+            continue
+        best = max(_specificity(k) for k in hits)
+        top = [k for k in hits if _specificity(k) == best]
+        if len({pattern[k] for k in top}) > 1:
+            raise ValueError(f"{what} keys {top} match {p} equally specifically but give different values "
+                             f"{[pattern[k] for k in top]}; make one of them more specific")
+        out[p] = pattern[top[0]]
+    return out
+
+
+# ------------------------------------------------------------------------------------ application
+
+def lora_scale(policy: str, alpha: float, r: int, r0: int) -> float:
+    """The multiplier of B·A for a module of rank r (default rank r0) under a scale policy."""
+    if policy == "fixed":
+        return alpha / r
+    if policy == "constant":
+        return alpha / r0
+    if policy == "rslora":
+        return alpha / math.sqrt(r)
+    raise ValueError(f"scale_policy {policy!r} unknown; allowed: {SCALE_POLICIES}")
+
+
+def apply_lora(model: nn.Module, r: int = 32, alpha: float = 64.0, targets=TARGETS, rank_pattern=None,
+               alpha_pattern=None, dropout: float = 0.0, scale_policy: str = "fixed") -> dict[str, int]:
+    """Wrap every targeted Linear in LoRALinear with its rank; freeze everything else.
+
+    Returns the final {module path: rank} map, rank 0 included (those modules stay plain Linear).
+    """
+    if scale_policy not in SCALE_POLICIES:
+        raise ValueError(f"scale_policy {scale_policy!r} unknown; allowed: {SCALE_POLICIES}")
+    paths = target_paths(model, targets)
+    if not paths:
+        raise ValueError(f"no nn.Linear named any of {list(targets)} in the model")
+    if any(isinstance(model.get_submodule(p), LoRALinear) for p in paths):
+        raise ValueError("the model already has LoRA adapters")
+    ranks = {p: r for p in paths} | resolve_pattern(rank_pattern, paths, "rank_pattern")
+    alphas = {p: alpha for p in paths} | resolve_pattern(alpha_pattern, paths, "alpha_pattern")
+    for p, rank in ranks.items():
+        if not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"rank for {p} must be a non-negative int, got {rank!r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in paths:
+        if ranks[p] == 0:
+            continue
+        parent, name = p.rsplit(".", 1)
+        base = model.get_submodule(p)
+        wrapped = LoRALinear(base, ranks[p], lora_scale(scale_policy, alphas[p], ranks[p], r), dropout)
+        setattr(model.get_submodule(parent), name, wrapped)
+    model.lora_config = dict(r=r, alpha=alpha, targets=list(targets), dropout=dropout, scale_policy=scale_policy,
+                             ranks=ranks, alphas=alphas)
+    return ranks
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters (every A and B), for the optimizer."""
+    return [p for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def count_lora_params(model: nn.Module) -> dict:
+    """Total, per-layer and per-module-type LoRA parameter counts."""
+    total, per_layer, per_type = 0, {}, {}
+    for name, m in lora_modules(model).items():
+        n = m.r * (m.base_layer.in_features + m.base_layer.out_features)
+        total += n
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        per_layer[layer] = per_layer.get(layer, 0) + n
+        kind = name.rsplit(".", 1)[-1]
+        per_type[kind] = per_type.get(kind, 0) + n
+    return {"total": total, "per_layer": per_layer, "per_type": per_type}
+
+
+def rank_table(ranks: dict[str, int]) -> str:
+    """A layer x module table of ranks, one line per layer."""
+    rows = {}
+    for path, r in ranks.items():
+        parts = path.split(".")
+        layer = parts[2] if path.startswith("model.layers.") else "-"
+        rows.setdefault(layer, {})[parts[-1]] = r
+    kinds = [k for k in TARGETS if any(k in row for row in rows.values())]
+    lines = ["layer " + " ".join(f"{k[:-5]:>5}" for k in kinds)]
+    for layer, row in rows.items():
+        lines.append(f"{layer:>5} " + " ".join(f"{row.get(k, '-'):>5}" for k in kinds))
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """The frozen base model (GRPO's reference policy) without a second copy of the weights."""
+    mods = list(lora_modules(model).values())
+    if any(m.merged for m in mods):
+        raise RuntimeError("cannot disable adapters while they are merged; call unmerge(model) first")
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.disabled = False
+
+
+def merge(model: nn.Module):
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge(model: nn.Module):
+    for m in lora_modules(model).values():
+        m.unmerge()
+
+
+@contextlib.contextmanager
+def merged(model: nn.Module):
+    """Adapters folded into the weights for the duration (fast sampling); exact restore afterwards."""
+    merge(model)
+    try:
+        yield model
+    finally:
+        unmerge(model)
+
+
+# ------------------------------------------------------------------------------ PEFT file format
+
+PEFT_PREFIX = "base_model.model."
+
+
+def peft_config(model: nn.Module, base_model_name_or_path: str = "") -> dict:
+    """PEFT's adapter_config.json for this model's adapters.
+
+    rank_pattern/alpha_pattern keys are escaped exact paths: PEFT matches them as regexes with
+    `re.match(rf"(.*\\.)?({key})$", name)`, under which an escaped full path selects exactly one module.
+    PEFT stores alpha, not scale, so the scale policy is exported as per-module alphas.
+    """
+    cfg = model.lora_config
+    r0 = cfg["r"]
+    mods = lora_modules(model)
+    rank_pattern = {re.escape(p): m.r for p, m in mods.items() if m.r != r0}
+    use_rslora = cfg["scale_policy"] == "rslora"
+    # alpha such that PEFT's own formula (alpha/r or alpha/sqrt(r)) gives back our scale
+    alpha_of = {p: m.scale * (math.sqrt(m.r) if use_rslora else m.r) for p, m in mods.items()}
+    alpha0 = cfg["alpha"]
+    alpha_pattern = {re.escape(p): a for p, a in alpha_of.items() if not math.isclose(a, alpha0, rel_tol=1e-12)}
+    excluded = [p for p, r in cfg["ranks"].items() if r == 0]
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": r0, "lora_alpha": alpha0, "target_modules": sorted({p.rsplit(".", 1)[-1] for p in mods}),
+        "exclude_modules": excluded or None, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "use_rslora": use_rslora, "lora_dropout": cfg["dropout"], "bias": "none", "fan_in_fan_out": False,
+        "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+    }
+
+
+def _atomic_write(path: str, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_adapter(model: nn.Module, folder: str, base_model_name_or_path: str = ""):
+    """adapter_config.json + adapter_model.safetensors in PEFT's layout, each written atomically."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    tensors = {}
+    for p, m in lora_modules(model).items():
+        tensors[f"{PEFT_PREFIX}{p}.lora_A.weight"] = m.lora_A.weight.detach().float().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{p}.lora_B.weight"] = m.lora_B.weight.detach().float().cpu().contiguous()
+    cfg = peft_config(model, base_model_name_or_path)
+    _atomic_write(os.path.join(folder, "adapter_model.safetensors"), lambda t: save_file(tensors, t))
+    _atomic_write(os.path.join(folder, "adapter_config.json"),
+                  lambda t: open(t, "w").write(json.dumps(cfg, indent=2)))
+
+
+def _peft_lookup(pattern: dict, name: str, default):
+    """PEFT's own rule: the first key K with re.match(rf"(.*\\.)?({K})$", name) wins, else the default."""
+    for key in pattern or {}:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return pattern[key]
+    return default
+
+
+def load_adapter(model: nn.Module, folder: str) -> dict[str, int]:
+    """Apply the adapter saved in `folder` (ours or PEFT's) to a plain model; strict about paths and shapes."""
+    from safetensors.torch import load_file
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{folder}/adapter_config.json: peft_type {cfg.get('peft_type')!r}, expected 'LORA'")
+    targets = cfg["target_modules"]
+    targets = targets if isinstance(targets, list) else [targets]
+    paths = target_paths(model, tuple(targets))
+    excluded = set(cfg.get("exclude_modules") or [])
+    r0, a0 = cfg["r"], cfg["lora_alpha"]
+    ranks = {p: 0 if p in excluded else _peft_lookup(cfg.get("rank_pattern"), p, r0) for p in paths}
+    alphas = {p: _peft_lookup(cfg.get("alpha_pattern"), p, a0) for p in paths}
+    # PEFT's two formulas; per-module alphas carry any other policy (e.g. `constant`) scale for scale
+    policy = "rslora" if cfg.get("use_rslora") else "fixed"
+    apply_lora(model, r=r0, alpha=a0, targets=tuple(targets), rank_pattern=ranks, alpha_pattern=alphas,
+               dropout=cfg.get("lora_dropout", 0.0), scale_policy=policy)
+    tensors = load_file(os.path.join(folder, "adapter_model.safetensors"))
+    mods = lora_modules(model)
+    expected = {f"{PEFT_PREFIX}{p}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight
+                for p, m in mods.items() for ab in "AB"}
+    extra = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    if extra or missing:
+        raise ValueError(f"{folder}: adapter does not fit the model: unexpected {extra[:3]}, missing {missing[:3]}")
+    with torch.no_grad():
+        for key, param in expected.items():
+            if tensors[key].shape != param.shape:
+                raise ValueError(f"{folder}: {key} has shape {tuple(tensors[key].shape)}, "
+                                 f"the model expects {tuple(param.shape)}")
+            param.copy_(tensors[key])
+    return ranks

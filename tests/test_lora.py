@@ -1,0 +1,203 @@
+"""lora.py against PEFT (test-only oracle), plus the study's rank_pattern trap and exact counts."""
+
+import math
+import re
+
+import pytest
+import torch
+
+import lora as L
+import model as M
+from conftest import make_hf_model
+
+
+def tiny_pair(tmp_path, name="untied"):
+    hf = make_hf_model(name)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    return hf, M.from_pretrained(str(tmp_path))
+
+
+RANKS = {"model.layers.0.self_attn.q_proj": 4, "model.layers.1.mlp.*": 2, "model.layers.2.*": 6,
+         "model.layers.0.mlp.down_proj": 0}
+
+
+def randomise_lora(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in L.lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def peft_model_like(hf, ours):
+    """PEFT LoRA on the transformers model with the same ranks/scales and our adapter weights."""
+    from peft import LoraConfig, get_peft_model
+    cfg = L.peft_config(ours)
+    lcfg = LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"],
+                      exclude_modules=cfg["exclude_modules"], rank_pattern=cfg["rank_pattern"],
+                      alpha_pattern=cfg["alpha_pattern"], use_rslora=cfg["use_rslora"], lora_dropout=0.0)
+    peft = get_peft_model(hf, lcfg)
+    sd = {k.replace("lora_A.weight", "lora_A.default.weight").replace("lora_B.weight", "lora_B.default.weight"): v
+          for k, v in {f"base_model.model.{p}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight
+                       for p, m in L.lora_modules(ours).items() for ab in "AB"}.items()}
+    missing = peft.load_state_dict(sd, strict=False)
+    assert not missing.unexpected_keys
+    return peft
+
+
+@pytest.mark.parametrize("policy", L.SCALE_POLICIES)
+def test_logits_and_gradients_match_peft(tmp_path, policy):
+    hf, ours = tiny_pair(tmp_path)
+    ranks = L.apply_lora(ours, r=3, alpha=8.0, rank_pattern=RANKS, scale_policy=policy)
+    assert ranks["model.layers.0.mlp.down_proj"] == 0 and ranks["model.layers.2.mlp.up_proj"] == 6
+    randomise_lora(ours)
+    peft = peft_model_like(hf, ours)
+    ids = torch.randint(0, 131, (2, 10), generator=torch.Generator().manual_seed(4))
+    a, b = ours(ids), peft(input_ids=ids).logits
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    (a.square().mean()).backward()
+    (b.square().mean()).backward()
+    peft_params = dict(peft.named_parameters())
+    for p, m in L.lora_modules(ours).items():
+        for ab in "AB":
+            ref = peft_params[f"base_model.model.{p}.lora_{ab}.default.weight"]
+            assert ref.shape == getattr(m, f"lora_{ab}").weight.shape
+            g, rg = getattr(m, f"lora_{ab}").weight.grad, ref.grad
+            assert (g - rg).norm() <= 1e-5 * rg.norm() + 1e-12, (p, ab)
+
+
+def test_adapter_round_trip_with_peft(tmp_path):
+    from peft import PeftModel
+    hf, ours = tiny_pair(tmp_path / "base")
+    L.apply_lora(ours, r=3, alpha=8.0, rank_pattern=RANKS, scale_policy="constant")
+    randomise_lora(ours, seed=1)
+    L.save_adapter(ours, str(tmp_path / "ad"))
+    ids = torch.randint(0, 131, (2, 10), generator=torch.Generator().manual_seed(5))
+    loaded = PeftModel.from_pretrained(hf, str(tmp_path / "ad"))
+    with torch.no_grad():
+        assert (ours(ids) - loaded(input_ids=ids).logits).abs().max() <= 1e-5
+    # and PEFT's own save loads back into ours
+    loaded.save_pretrained(str(tmp_path / "peft"))
+    fresh = M.from_pretrained(str(tmp_path / "base"))
+    ranks = L.load_adapter(fresh, str(tmp_path / "peft"))
+    assert ranks == ours.lora_config["ranks"]
+    with torch.no_grad():
+        assert (fresh(ids) - ours(ids)).abs().max() <= 1e-5
+
+
+def test_peft_saved_non_uniform_rank_pattern_loads(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    hf, ours = tiny_pair(tmp_path / "base")
+    cfg = LoraConfig(r=2, lora_alpha=5, target_modules=list(L.TARGETS),
+                     rank_pattern={"model.layers.1.self_attn.v_proj": 7, "up_proj": 3}, init_lora_weights=False)
+    peft = get_peft_model(hf, cfg)
+    peft.save_pretrained(str(tmp_path / "p"))
+    ranks = L.load_adapter(ours, str(tmp_path / "p"))
+    assert ranks["model.layers.1.self_attn.v_proj"] == 7 and ranks["model.layers.2.mlp.up_proj"] == 3
+    assert ranks["model.layers.0.self_attn.q_proj"] == 2
+    ids = torch.randint(0, 131, (1, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (ours(ids) - peft(input_ids=ids).logits).abs().max() <= 1e-5
+
+
+def test_exported_keys_select_exactly_under_peft_regex_rule():
+    with torch.device("meta"):
+        m = M.Qwen2(M.ModelConfig())
+    pattern = {f"model.layers.{i}.*": 20 + i for i in range(28)}
+    ranks = L.apply_lora(m, r=32, rank_pattern=pattern)
+    cfg = L.peft_config(m)
+    paths = list(ranks)
+    for p in paths:  # PEFT's rule on our exported keys gives back exactly our rank
+        assert L._peft_lookup(cfg["rank_pattern"], p, cfg["r"]) == ranks[p]
+
+
+def test_study_trap_wildcard_means_what_it_says():
+    with torch.device("meta"):
+        m = M.Qwen2(M.ModelConfig())
+    paths = L.target_paths(m)
+    assert len(paths) == 196
+    hits = L.resolve_pattern({"model.layers.15.*.q_proj": 40}, paths)
+    assert hits == {"model.layers.15.self_attn.q_proj": 40}
+    hits = L.resolve_pattern({"model.layers.1.*.q_proj": 8}, paths)
+    assert list(hits) == ["model.layers.1.self_attn.q_proj"]  # not layers 10-19
+    # ... whereas PEFT's regex rule reads the same key as matching layers 1 and 10-19
+    peft_hits = [p for p in paths if re.match(r"(.*\.)?(model.layers.1.*.q_proj)$", p)]
+    assert len(peft_hits) == 11
+    with pytest.raises(ValueError, match=r"'model\.layer\.15\.self_attn\.q_proj' matches no targeted module.*"
+                                         r"model\.layers\.15\.self_attn\.q_proj"):
+        L.resolve_pattern({"model.layer.15.self_attn.q_proj": 40}, paths)
+
+
+def test_most_specific_key_wins_and_ties_are_errors():
+    paths = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
+    got = L.resolve_pattern({"*": 1, "model.layers.0.*": 2, "model.layers.0.mlp.up_proj": 3}, paths)
+    assert got == {paths[0]: 2, paths[1]: 3, paths[2]: 1}
+    with pytest.raises(ValueError, match="equally specifically"):
+        L.resolve_pattern({"model.layers.?.mlp.up_proj": 2, "model.layers.0.mlp.up_pro?": 3}, paths)
+
+
+def test_counts_on_the_real_shape():
+    with torch.device("meta"):
+        m = M.Qwen2(M.ModelConfig())
+    L.apply_lora(m, r=32)
+    counts = L.count_lora_params(m)
+    assert counts["total"] == 36_929_536 == 28 * 32 * 41_216
+    assert set(counts["per_layer"].values()) == {32 * 41_216}
+    with torch.device("meta"):
+        m = M.Qwen2(M.ModelConfig())
+    L.apply_lora(m, r=30)  # "34.6M": what a run gets when every module falls back to a default r=30
+    assert L.count_lora_params(m)["total"] == 34_621_440
+    assert "q_proj" not in L.rank_table({"model.layers.0.self_attn.q_proj": 3}).split("\n")[1]
+    assert L.rank_table(L.apply_lora(M.Qwen2(M.ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+                                                          num_hidden_layers=1, num_attention_heads=2,
+                                                          num_key_value_heads=1)), r=2)).count("\n") == 1
+
+
+def test_only_lora_is_trainable_and_rank0_stays_linear(tmp_path):
+    _, ours = tiny_pair(tmp_path)
+    L.apply_lora(ours, r=3, rank_pattern=RANKS)
+    trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(L.lora_parameters(ours)) == len(trainable)
+    assert type(ours.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    with pytest.raises(ValueError, match="already has LoRA"):
+        L.apply_lora(ours)
+
+
+def test_merge_unmerge_and_disable_round_trip(tmp_path):
+    _, ours = tiny_pair(tmp_path)
+    base = {k: v.clone() for k, v in ours.state_dict().items()}
+    ids = torch.randint(0, 131, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        plain = ours(ids)
+        L.apply_lora(ours, r=4, rank_pattern=RANKS)
+        randomise_lora(ours)
+        adapted = ours(ids)
+        assert (adapted - plain).abs().max() > 1e-3  # the adapter does something
+        with L.disable_adapters(ours):
+            assert torch.equal(ours(ids), plain)
+        with L.merged(ours):
+            assert (ours(ids) - adapted).abs().max() <= 1e-5
+            with pytest.raises(RuntimeError, match="unmerge"):
+                with L.disable_adapters(ours):
+                    pass
+        assert torch.equal(ours(ids), adapted)
+    for name, m in L.lora_modules(ours).items():  # unmerge restores the base weights bit for bit
+        assert torch.equal(m.base_layer.weight, base[name + ".weight"])
+
+
+def test_scale_policies():
+    assert L.lora_scale("fixed", 64, 16, 32) == 4.0
+    assert L.lora_scale("constant", 64, 16, 32) == 2.0
+    assert L.lora_scale("rslora", 64, 16, 32) == 16.0
+    with pytest.raises(ValueError, match="allowed"):
+        L.lora_scale("other", 1, 1, 1)
+
+
+def test_load_refuses_adapter_that_does_not_fit(tmp_path):
+    _, ours = tiny_pair(tmp_path / "a")
+    L.apply_lora(ours, r=3)
+    L.save_adapter(ours, str(tmp_path / "ad"))
+    other = M.from_pretrained(str(tmp_path / "a"))
+    other.model.layers[2].mlp.up_proj = torch.nn.Linear(96, 161, bias=False)  # a different shape
+    with pytest.raises(ValueError, match=r"layers\.2\.mlp\.up_proj\.lora_B\.weight.*shape"):
+        L.load_adapter(other, str(tmp_path / "ad"))
