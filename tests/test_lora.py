@@ -176,7 +176,7 @@ def test_merge_unmerge_and_disable_round_trip(tmp_path):
         with L.disable_adapters(ours):
             assert torch.equal(ours(ids), plain)
         with L.merged(ours):
-            assert (ours(ids) - adapted).abs().max() <= 1e-5
+            assert (ours(ids) - adapted).abs().max() <= 1e-5 * adapted.abs().max()  # fp32 rounding
             with pytest.raises(RuntimeError, match="unmerge"):
                 with L.disable_adapters(ours):
                     pass
