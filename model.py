@@ -74,6 +74,12 @@ class ModelConfig:
             raise ValueError(f"config.json lacks {missing}")
         return cls(**{n: hf[n] for n in names if n in hf})
 
+    def to_hf(self) -> dict:
+        """The config.json a Hugging Face loader reads back."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu",
+                "use_sliding_window": False, **d}
+
 
 # ----------------------------------------------------------------------------------------- layers
 
@@ -334,6 +340,20 @@ def from_pretrained(name_or_path: str, device=None, dtype=None) -> Qwen2:
     if cfg.tie_word_embeddings:  # assign=True replaced both parameters; tie them again
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+def save_pretrained(model: Qwen2, folder: str):
+    """config.json + model.safetensors in the Hugging Face layout (tied lm_head stored once)."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del state["lm_head.weight"]
+    tmp = os.path.join(folder, "model.safetensors.tmp")
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(model.config.to_hf(), f, indent=2)
 
 
 # ------------------------------------------------------------------------------------ tokenizer

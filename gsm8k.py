@@ -1,0 +1,279 @@
+"""GSM8K (Cobbe et al., arXiv 2110.14168): the data, the prompt, the two rewards and the evaluation.
+
+The data is the original release's jsonl, checksum-verified. The model is asked to answer in the
+format most public GRPO-on-GSM8K recipes for Qwen2.5-Instruct use:
+
+    <reasoning>
+    ...
+    </reasoning>
+    <answer>
+    42
+    </answer>
+
+Two rewards, pure functions of (completion text, gold answer), that never raise:
+  format_reward   strict: 1 when the whole completion is exactly that layout, else 0.
+                  partial (strict=False): 0.25 for each of the four tags present exactly once, and
+                  the tags in order, so a model gets a gradient towards the format before it has it.
+  correct_reward  1 when the <answer> block holds exactly one number and it equals the gold answer;
+                  "1,000", "$18", "18.00", "18.", "-3", "1/2" and words around the number are fine,
+                  two numbers ("3 + 15 = 18") or none are not.
+The evaluation reports strict accuracy (the correctness reward) with a 95% Wilson interval, the
+format rate and, for models that ignore the tags, a lenient accuracy (the last number anywhere).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import urllib.request
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+from model import generate
+
+SHA256 = {"train": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
+          "test": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"}
+SIZES = {"train": 7473, "test": 1319}
+URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{split}.jsonl"
+
+SYSTEM_PROMPT = """Respond in the following format:
+<reasoning>
+...
+</reasoning>
+<answer>
+...
+</answer>"""
+
+
+@dataclass
+class Example:
+    index: int
+    question: str
+    solution: str  # the reference solution, ending with "#### N"
+    gold: Fraction
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    return os.path.join(root, "grpo-lora-rank", "gsm8k")
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(split: str) -> str:
+    """The original release's file, fetched once into the cache and checksum-verified, atomically."""
+    path = os.path.join(cache_dir(), f"{split}.jsonl")
+    if os.path.isfile(path) and sha256_of(path) == SHA256[split]:
+        return path
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = path + ".part"
+    urllib.request.urlretrieve(URL.format(split=split), tmp)
+    if sha256_of(tmp) != SHA256[split]:
+        os.remove(tmp)
+        raise ValueError(f"downloaded GSM8K {split} has the wrong sha256 (expected {SHA256[split]})")
+    os.replace(tmp, path)
+    return path
+
+
+def parse_gold(solution: str) -> Fraction:
+    """The exact number after '####' (commas removed)."""
+    if "####" not in solution:
+        raise ValueError("answer has no '#### N' line")
+    text = solution.rsplit("####", 1)[1].strip().replace(",", "")
+    value = parse_number(text)
+    if value is None:
+        raise ValueError(f"answer's '####' line is not a number: {text!r}")
+    return value
+
+
+def load_gsm8k(split: str, path: str | None = None) -> list[Example]:
+    """Train or test problems from a file, a folder holding {split}.jsonl, or the original release."""
+    if split not in SHA256:
+        raise ValueError(f"split {split!r} unknown; allowed: {sorted(SHA256)}")
+    if path is None:
+        path = download(split)
+    elif os.path.isdir(path):
+        path = os.path.join(path, f"{split}.jsonl")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                examples.append(Example(len(examples), rec["question"], rec["answer"], parse_gold(rec["answer"])))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{lineno}: malformed GSM8K record: {e}") from None
+    return examples
+
+
+def subset(examples: list[Example], n: int | None, seed: int = 0) -> list[Example]:
+    """A fixed-seed sample of n examples (all of them when n is None), in their original order."""
+    if n is None or n >= len(examples):
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
+def synthetic_problems(n: int, seed: int = 0) -> list[Example]:
+    """GSM8K-format word problems generated in code (offline preset, tests): a + b or a * b."""
+    rng = random.Random(seed)
+    names, things = ["Ann", "Ben", "Cal", "Dee"], ["apples", "books", "coins", "pens"]
+    out = []
+    for i in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        who, what = rng.choice(names), rng.choice(things)
+        if rng.random() < 0.5:
+            q = f"{who} has {a} {what} and gets {b} more. How many {what} does {who} have?"
+            sol, gold = f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}", a + b
+        else:
+            q = f"{who} buys {a} boxes of {b} {what}. How many {what} is that?"
+            sol, gold = f"{a} * {b} = <<{a}*{b}={a * b}>>{a * b}\n#### {a * b}", a * b
+        out.append(Example(i, q, sol, Fraction(gold)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- prompt
+
+def prompt_text(question: str, chat) -> str:
+    """The chat-formatted prompt: our system prompt, the question, the assistant's turn opened."""
+    return chat([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}])
+
+
+def reference_completion(ex: Example) -> str:
+    """The reference solution in the answer format (the SFT target): annotations and '####' removed."""
+    reasoning = re.sub(r"<<[^>]*>>", "", ex.solution.rsplit("####", 1)[0]).strip()
+    return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{format_number(ex.gold)}\n</answer>"
+
+
+def format_number(x: Fraction) -> str:
+    return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
+
+
+# ---------------------------------------------------------------------------------------- rewards
+
+STRICT_FORMAT = re.compile(r"<reasoning>\n(?:(?!</?reasoning>|</?answer>).)*?\n</reasoning>\n"
+                           r"<answer>\n(?:(?!</?reasoning>|</?answer>).)*?\n</answer>\n?", re.DOTALL)
+TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
+# A number: optional sign and $, digits with correct thousands commas or plain, optional decimals or a
+# trailing dot, or a fraction a/b. Letters or digits right next to it make it something else.
+NUMBER = re.compile(r"(?<![\w.,/-])(-?)\$?(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+)|\.(?!\d))?(?:/(\d+))?(?![\w,/-]|\.\d)")
+MAX_DIGITS = 40  # longer "numbers" are not answers; also keeps int() away from huge strings
+
+
+def parse_number(text: str) -> Fraction | None:
+    """The single number in `text` as an exact Fraction, or None (none, several, or malformed)."""
+    found = list(NUMBER.finditer(text))
+    return _to_fraction(found[0]) if len(found) == 1 else None
+
+
+def _to_fraction(m: re.Match) -> Fraction | None:
+    sign, whole, decimals, denom = m.group(1), m.group(2).replace(",", ""), m.group(3), m.group(4)
+    if len(whole) + len(decimals or "") + len(denom or "") > MAX_DIGITS:
+        return None
+    value = Fraction(int(whole)) + (Fraction(int(decimals), 10 ** len(decimals)) if decimals else 0)
+    if denom is not None:
+        if decimals or int(denom) == 0:
+            return None
+        value /= int(denom)
+    return -value if sign else value
+
+
+def answer_block(text: str) -> str | None:
+    """The content of the last <answer>...</answer> block."""
+    blocks = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    return blocks[-1] if blocks else None
+
+
+def format_reward(text: str, strict: bool = True) -> float:
+    """1 for exactly the answer layout; with strict=False 0.25 per tag present once, in order."""
+    if strict:
+        return 1.0 if STRICT_FORMAT.fullmatch(text) else 0.0
+    positions = [text.find(t) for t in TAGS]
+    once = [text.count(t) == 1 for t in TAGS]
+    if all(once) and positions == sorted(positions):
+        return 1.0
+    return 0.25 * sum(once)
+
+
+def extract_answer(text: str) -> Fraction | None:
+    block = answer_block(text)
+    return None if block is None else parse_number(block)
+
+
+def correct_reward(text: str, gold: Fraction) -> float:
+    """1 when the <answer> block holds exactly one number equal to the gold answer."""
+    return 1.0 if extract_answer(text) == gold else 0.0
+
+
+def lenient_answer(text: str) -> Fraction | None:
+    """The last number anywhere in the completion (for models that ignore the tags)."""
+    found = list(NUMBER.finditer(text))
+    return _to_fraction(found[-1]) if found else None
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval for k successes out of n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int = 512,
+             batch_size: int = 32, temperature: float = 0.0, seed: int = 0, records_path: str | None = None,
+             log=None) -> dict:
+    """Accuracy (strict, with a Wilson interval, and lenient), format rate and lengths over `examples`.
+
+    Greedy by default (temperature 0). Writes one jsonl record per problem to `records_path` (atomically) for audit.
+    """
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    records = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        prompts = [tokenizer.encode(prompt_text(ex.question, tokenizer.chat)) for ex in batch]
+        out, mask = generate(model, prompts, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id,
+                             temperature=temperature, generator=gen)
+        for ex, ids, m in zip(batch, out.tolist(), mask.sum(-1).tolist()):
+            text = tokenizer.decode(ids[:m])
+            parsed, lenient = extract_answer(text), lenient_answer(text)
+            records.append({"index": ex.index, "question": ex.question, "gold": format_number(ex.gold),
+                            "completion": text, "tokens": m,
+                            "parsed": None if parsed is None else format_number(parsed),
+                            "correct": parsed == ex.gold, "lenient_correct": lenient == ex.gold,
+                            "format_ok": format_reward(text) == 1.0})
+        if log:
+            log(f"eval {len(records)}/{len(examples)}")
+    n = len(records)
+    k = sum(r["correct"] for r in records)
+    if records_path:
+        tmp = records_path + ".tmp"
+        with open(tmp, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, records_path)
+    lengths = [r["tokens"] for r in records] or [0]
+    return {"n": n, "correct": k, "accuracy": k / max(n, 1), "ci95": wilson_interval(k, n),
+            "lenient_accuracy": sum(r["lenient_correct"] for r in records) / max(n, 1),
+            "format_rate": sum(r["format_ok"] for r in records) / max(n, 1),
+            "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths), "records": records}

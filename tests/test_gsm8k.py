@@ -1,0 +1,139 @@
+"""gsm8k.py: exact data, auditable rewards that never raise, and the evaluation's plumbing."""
+
+import json
+import os
+import random
+from fractions import Fraction
+
+import pytest
+import torch
+
+import gsm8k as G
+import model as M
+from conftest import GSM8K_DIR, make_tiny_checkpoint
+
+HAVE_DATA = os.path.isfile(os.path.join(GSM8K_DIR, "train.jsonl"))
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="shared GSM8K files absent")
+def test_real_files_checksums_and_every_gold_parses():
+    for split in ("train", "test"):
+        assert G.sha256_of(os.path.join(GSM8K_DIR, f"{split}.jsonl")) == G.SHA256[split]
+        examples = G.load_gsm8k(split, GSM8K_DIR)
+        assert len(examples) == G.SIZES[split]
+        for ex in examples:
+            assert isinstance(ex.gold, Fraction)
+            assert ex.gold.denominator == 1  # every GSM8K answer is an integer
+            tail = ex.solution.rsplit("####", 1)[1].strip()
+            assert tail and str(ex.gold) == tail.replace(",", "")  # exact, no sign or digit lost
+            # the SFT target is well-formed and scores 1 on both rewards
+            ref = G.reference_completion(ex)
+            assert G.format_reward(ref) == 1.0 and G.correct_reward(ref, ex.gold) == 1.0
+
+
+def test_malformed_lines_name_file_and_line(tmp_path):
+    good = json.dumps({"question": "q", "answer": "a\n#### 1,234"})
+    p = tmp_path / "train.jsonl"
+    p.write_text(good + "\n" + "{not json\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl:2: malformed"):
+        G.load_gsm8k("train", str(p))
+    p.write_text(good + "\n" + good + "\n" + json.dumps({"question": "q", "answer": "no marker"}) + "\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl:3: .*####"):
+        G.load_gsm8k("train", str(tmp_path))
+    p.write_text(good + "\n")
+    assert G.load_gsm8k("train", str(p))[0].gold == 1234
+    with pytest.raises(ValueError, match="allowed"):
+        G.load_gsm8k("dev", str(p))
+
+
+def test_subset_is_seeded_and_ordered():
+    ex = G.synthetic_problems(50)
+    a, b = G.subset(ex, 10, seed=3), G.subset(ex, 10, seed=3)
+    assert [e.index for e in a] == [e.index for e in b] == sorted(e.index for e in a)
+    assert G.subset(ex, None) is ex
+
+
+FORMAT_CASES = [
+    ("<reasoning>\n2+2\n</reasoning>\n<answer>\n4\n</answer>", 1.0, 1.0),
+    ("<reasoning>\n2+2\n</reasoning>\n<answer>\n4\n</answer>\n", 1.0, 1.0),
+    ("<reasoning>\nmulti\nline\n</reasoning>\n<answer>\n4\n</answer>", 1.0, 1.0),
+    ("<reasoning>2+2</reasoning><answer>4</answer>", 0.0, 1.0),  # no newlines: strict fails
+    ("Sure! <reasoning>\nx\n</reasoning>\n<answer>\n4\n</answer>", 0.0, 1.0),  # text before
+    ("<reasoning>\nx\n</reasoning>\n<answer>\n4\n</answer> done", 0.0, 1.0),  # text after
+    ("<answer>\n4\n</answer>", 0.0, 0.5),
+    ("<reasoning>\n<answer>\n4\n</answer>\n</reasoning>\n<answer>\n4\n</answer>", 0.0, 0.5),  # nested
+    ("<reasoning>\nx\n</reasoning>\n<answer>\n4", 0.0, 0.75),  # unclosed
+    ("", 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("text, strict, partial", FORMAT_CASES)
+def test_format_reward_table(text, strict, partial):
+    assert G.format_reward(text) == strict
+    assert G.format_reward(text, strict=False) == partial
+
+
+CORRECT_CASES = [
+    ("1,000", 1000, 1), ("$18", 18, 1), ("18.00", 18, 1), ("18.", 18, 1), ("-3", -3, 1), ("1/2", Fraction(1, 2), 1),
+    ("0.5", Fraction(1, 2), 1), ("The answer is 18 dollars.", 18, 1), ("\n$1,250\n", 1250, 1), ("18", 17, 0),
+    ("3 + 15 = 18", 18, 0), ("18dollars", 18, 0), ("1,00", 100, 0), ("eighteen", 18, 0), ("", 18, 0),
+    ("18.5", 18, 0), ("1e3", 1000, 0), ("1/0", 1, 0), ("9" * 100, 1, 0), ("--3", -3, 0), ("5-3", 2, 0), ("(-3)", -3, 1),
+]
+
+
+@pytest.mark.parametrize("answer, gold, expected", CORRECT_CASES)
+def test_correct_reward_table(answer, gold, expected):
+    text = f"<reasoning>\nwork 1 2 3\n</reasoning>\n<answer>\n{answer}\n</answer>"
+    assert G.correct_reward(text, Fraction(gold)) == expected
+
+
+def test_correctness_reads_the_last_answer_block_only():
+    assert G.correct_reward("<answer>5</answer> then <answer>7</answer>", Fraction(7)) == 1.0
+    assert G.correct_reward("no tags, the answer is 7", Fraction(7)) == 0.0
+    assert G.lenient_answer("no tags, 3 then the answer is 7.") == 7
+
+
+def test_rewards_never_raise_on_10000_adversarial_strings():
+    rng = random.Random(0)
+    pieces = ["<reasoning>", "</reasoning>", "<answer>", "</answer>", "<answer", "\n", " ", "$", "-", ",", ".",
+              "/", "0", "7", "1,000", "9" * 5000, "1/0", "é", "日本", "\u200b", "\x00", "٣", "𝟗", "<<", ">>",
+              "####", "1e309", "nan", "inf", "-0", "3.", ".5"]
+    for i in range(10_000):
+        if i % 3 == 0:  # random unicode soup
+            s = "".join(chr(rng.randrange(0, 0x2FFFF)) for _ in range(rng.randrange(0, 40)))
+        else:
+            s = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 30)))
+        for strict in (True, False):
+            assert G.format_reward(s, strict) in (0.0, 0.25, 0.5, 0.75, 1.0)
+        assert G.correct_reward(s, Fraction(7)) in (0.0, 1.0)
+        G.lenient_answer(s)
+
+
+def test_wilson_interval_known_values():
+    lo, hi = G.wilson_interval(50, 100)
+    assert abs(lo - 0.4038) < 1e-4 and abs(hi - 0.5962) < 1e-4
+    lo, hi = G.wilson_interval(0, 10)
+    assert lo == 0.0 and abs(hi - 0.2775) < 1e-4
+    lo, hi = G.wilson_interval(983, 1319)  # 74.5% on the full test set: about +-2.4 points
+    assert abs(lo - 0.7213) < 1e-3 and abs(hi - 0.7677) < 1e-3
+
+
+def test_evaluate_end_to_end_on_a_tiny_model(tmp_path):
+    problems = G.synthetic_problems(12)
+    texts = [G.prompt_text(p.question, M.Tokenizer.chat) + G.reference_completion(p) for p in problems]
+    folder = make_tiny_checkpoint(tmp_path / "ckpt", texts)
+    model, tok = M.from_pretrained(folder), M.load_tokenizer(folder)
+    out = tmp_path / "records.jsonl"
+    res = G.evaluate(model, tok, problems, max_new_tokens=16, batch_size=5, records_path=str(out))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert res["n"] == len(records) == 12
+    assert [r["index"] for r in records] == list(range(12))
+    assert res["correct"] == sum(r["correct"] for r in records)
+    assert res["ci95"] == G.wilson_interval(res["correct"], 12)
+    for r, p in zip(records, problems):
+        assert r["gold"] == str(p.gold) and r["question"] == p.question
+        assert 1 <= r["tokens"] <= 16
+        assert r["correct"] == (G.correct_reward(r["completion"], p.gold) == 1.0)
+        assert r["format_ok"] == (G.format_reward(r["completion"]) == 1.0)
+    again = G.evaluate(model, tok, problems, max_new_tokens=16, batch_size=12)  # batch size does not matter
+    assert [r["completion"] for r in again["records"]] == [r["completion"] for r in records]
