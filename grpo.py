@@ -1,0 +1,281 @@
+"""One step of GRPO (Shao et al., DeepSeekMath, arXiv 2402.03300) on a LoRA-adapted model.
+
+What it implements, in the order of the paper's objective:
+  1. Sample K completions for each of B prompts from the current policy (LoRA merged for speed).
+  2. Score each completion with every reward function; the reward is their weighted sum.
+  3. Group-relative advantages A_i = (r_i - mean(r_group)) / (std(r_group) + eps); without the division
+     with `scale_rewards=False` (Dr. GRPO, arXiv 2503.20783). A group whose rewards are all equal has
+     A = 0 and teaches nothing.
+  4. Per-token log-probabilities (fp32) of each completion under the current policy, the policy that
+     sampled it (differs only when `num_iterations` > 1), and the reference policy, which is the same
+     model with its adapters disabled (no second copy of the weights).
+  5. Per token: -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A) + β·KL, with ρ = π/π_old and the k3 estimator
+     KL = exp(ref - logp) - (ref - logp) - 1, aggregated by `loss_type`:
+       grpo     mean over each completion's tokens, then over completions (the paper's 1/|o_i|)
+       dapo     mean over all tokens of the batch (DAPO, arXiv 2503.14476): long answers are not
+                down-weighted per token
+       dr_grpo  sum over tokens / (completions x max_new_tokens) (Dr. GRPO): no length normalisation
+     The default is `grpo`, the paper's formula, which is what the study names.
+  6. Backward in micro-batches (the normalisers are computed over the whole batch, so the sum of the
+     micro-batch losses is exactly the batch loss), gradient-norm clipping, AdamW on the adapters.
+
+Left out: reward models, a separate reference model, vLLM, sequence packing. Precision: on CUDA the
+frozen base weights are bf16, LoRA weights, gradients and AdamW state fp32, log-probs fp32; fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import lora
+from model import generate, left_pad
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
+
+@dataclass
+class GRPOConfig:
+    num_generations: int = 4  # K completions per prompt
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    beta: float = 0.04  # KL weight; 0 skips the reference pass entirely
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    loss_type: str = "grpo"
+    scale_rewards: bool = True  # divide advantages by the group's std (False: Dr. GRPO)
+    adv_eps: float = 1e-4
+    num_iterations: int = 1  # optimiser passes over one sampled batch
+    mask_truncated: bool = False  # drop completions that hit max_new_tokens without a stop token
+    micro_batch: int = 4  # sequences per forward/backward
+    max_grad_norm: float = 1.0
+    merge_for_sampling: bool = True
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type {self.loss_type!r} unknown; allowed: {LOSS_TYPES}")
+
+
+# ------------------------------------------------------------------------------ pure computations
+
+def group_advantages(rewards: torch.Tensor, k: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """(r - group mean) / (group std + eps) for rewards [B*K] laid out group by group."""
+    r = rewards.view(-1, k)
+    adv = r - r.mean(-1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(-1, keepdim=True) + eps)  # std is unbiased (n-1), as in TRL
+    return adv.flatten()
+
+
+def per_token_loss(logp, old_logp, ref_logp, adv, mask, beta, eps_low, eps_high):
+    """The clipped surrogate plus β·k3-KL at each token; tensors [N, T], adv [N]. Returns (loss, ratio, kl).
+
+    Masked positions are zeroed first, so whatever they hold (padding, -inf) never reaches a gradient.
+    """
+    logp, old_logp, ref_logp = (x.masked_fill(~mask, 0.0) for x in (logp, old_logp, ref_logp))
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
+    loss = -surrogate
+    kl = torch.zeros_like(logp)
+    if beta != 0:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        loss = loss + beta * kl
+    return loss, ratio, kl
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, loss_type: str, n_seqs: int, n_tokens: int,
+              max_new_tokens: int) -> torch.Tensor:
+    """This micro-batch's share of the batch loss; `n_seqs`/`n_tokens` are whole-batch totals."""
+    loss = torch.where(mask, loss, 0.0)  # where, not multiply: a masked NaN/inf must not leak
+    if loss_type == "grpo":
+        return (loss.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n_seqs
+    if loss_type == "dapo":
+        return loss.sum() / max(n_tokens, 1)
+    if loss_type == "dr_grpo":
+        return loss.sum() / (n_seqs * max_new_tokens)
+    raise ValueError(f"loss_type {loss_type!r} unknown; allowed: {LOSS_TYPES}")
+
+
+def sequence_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_completion: int, entropy: bool = False):
+    """fp32 log-probs [N, Tc] of the last Tc tokens of ids [N, T] (and the policy's entropy there)."""
+    logits = model(ids, attn, num_logits=n_completion + 1)[:, :-1].float()  # (N, Tc, V) predicts the tail
+    targets = ids[:, -n_completion:]
+    logp = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    if not entropy:
+        return logp, None
+    with torch.no_grad():
+        lp = logits.log_softmax(-1)
+        ent = -(lp.exp() * lp).sum(-1)
+    return logp, ent
+
+
+# ------------------------------------------------------------------------------------- the step
+
+@dataclass
+class Rollout:
+    ids: torch.Tensor  # (N, Tp + Tc) prompt (left-padded) then completion
+    attn: torch.Tensor  # (N, Tp + Tc)
+    mask: torch.Tensor  # (N, Tc) bool: completion tokens that count in the loss
+    rewards: torch.Tensor  # (N, F) each reward function's score
+    advantages: torch.Tensor  # (N,)
+    texts: list[str]
+    truncated: torch.Tensor  # (N,) bool: no stop token within max_new_tokens
+    lengths: torch.Tensor  # (N,) completion tokens including the stop token
+    times: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: list[list[int]], examples: list, reward_fns: dict, weights: dict,
+            cfg: GRPOConfig, generator: torch.Generator) -> Rollout:
+    """Sample K completions per prompt, score them, and compute group-relative advantages."""
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    sample = dict(max_new_tokens=cfg.max_new_tokens, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                  num_samples=cfg.num_generations, temperature=cfg.temperature, top_k=cfg.top_k,
+                  top_p=cfg.top_p, generator=generator)
+    if cfg.merge_for_sampling:
+        with lora.merged(model):
+            out, cmask = generate(model, prompts, **sample)
+    else:
+        out, cmask = generate(model, prompts, **sample)
+    model.train(was_training)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+
+    lengths = cmask.sum(-1)
+    stops = torch.tensor(tokenizer.stop_ids, device=device)
+    last = out.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
+    truncated = ~torch.isin(last, stops)
+    texts = [tokenizer.decode(row[:n]) for row, n in zip(out.tolist(), lengths.tolist())]
+    K = cfg.num_generations
+    names = list(reward_fns)
+    scores = torch.tensor([[reward_fns[n](text, examples[i // K]) for n in names] for i, text in enumerate(texts)],
+                          dtype=torch.float32, device=device).view(len(texts), len(names))
+    total = scores @ torch.tensor([weights.get(n, 1.0) for n in names], device=device)
+    advantages = group_advantages(total, K, cfg.scale_rewards, cfg.adv_eps)
+    t2 = time.perf_counter()
+
+    pids, pmask = left_pad(prompts, tokenizer.pad_id, device)
+    pids, pmask = pids.repeat_interleave(K, 0), pmask.repeat_interleave(K, 0)
+    mask = cmask.bool()
+    if cfg.mask_truncated:
+        mask = mask & ~truncated[:, None]
+    return Rollout(ids=torch.cat([pids, out], 1), attn=torch.cat([pmask, cmask], 1), mask=mask,
+                   rewards=scores, advantages=advantages, texts=texts, truncated=truncated, lengths=lengths,
+                   times={"sample": t1 - t0, "score": t2 - t1})
+
+
+def learn(model, batch: Rollout, cfg: GRPOConfig, optimizer, scheduler=None, profiler=None) -> dict:
+    """`num_iterations` optimiser steps on one rollout, each a micro-batched backward over all of it.
+
+    `profiler`, when given, has its `record()` called after each backward, before clipping, so it
+    sees the accumulated gradient of the whole batch.
+    """
+    t0 = time.perf_counter()
+    N, Tc = batch.mask.shape
+    n_tokens = int(batch.mask.sum())
+    chunks = [slice(i, min(i + cfg.micro_batch, N)) for i in range(0, N, cfg.micro_batch)]
+    params = lora.lora_parameters(model)
+
+    def logps(s, grad=False, entropy=False):
+        with torch.set_grad_enabled(grad):
+            return sequence_logprobs(model, batch.ids[s], batch.attn[s], Tc, entropy)
+
+    ref = old = None
+    if cfg.beta != 0:
+        with lora.disable_adapters(model):
+            ref = torch.cat([logps(s)[0] for s in chunks])
+    if cfg.num_iterations > 1:  # the sampling policy, frozen for all passes over this batch
+        old = torch.cat([logps(s)[0] for s in chunks])
+
+    model.train()
+    stats = {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "loss": 0.0, "grad_norm": 0.0}
+    for it in range(cfg.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        sums = torch.zeros(3, device=batch.ids.device)  # kl, clipped, entropy summed over valid tokens
+        loss_total = 0.0
+        for s in chunks:
+            logp, ent = logps(s, grad=True, entropy=it == 0)
+            old_s = logp.detach() if old is None else old[s]
+            ref_s = logp.detach() if ref is None else ref[s]
+            m = batch.mask[s]
+            tok_loss, ratio, kl = per_token_loss(logp, old_s, ref_s, batch.advantages[s], m, cfg.beta,
+                                                 cfg.eps_low, cfg.eps_high)
+            loss = aggregate(tok_loss, m, cfg.loss_type, N, n_tokens, cfg.max_new_tokens)
+            loss.backward()
+            loss_total += loss.item()
+            with torch.no_grad():
+                clipped = ((ratio < 1 - cfg.eps_low) | (ratio > 1 + cfg.eps_high)).float()
+                ent_sum = (ent * m).sum() if ent is not None else torch.zeros((), device=m.device)
+                sums += torch.stack([(kl * m).sum(), (clipped * m).sum(), ent_sum])
+        if profiler is not None:
+            profiler.record()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        kl_sum, clip_sum, ent_sum = (sums / max(n_tokens, 1)).tolist()
+        stats["kl"], stats["clip_frac"], stats["loss"] = kl_sum, clip_sum, loss_total
+        stats["grad_norm"] = float(grad_norm)
+        if it == 0:
+            stats["entropy"] = ent_sum
+    optimizer.zero_grad(set_to_none=True)
+    stats["time_learn"] = time.perf_counter() - t0
+    return stats
+
+
+def grpo_step(model, tokenizer, optimizer, examples: list, prompts: list[list[int]], reward_fns: dict,
+              weights: dict, cfg: GRPOConfig, generator: torch.Generator, scheduler=None, profiler=None) -> dict:
+    """Sample, score and learn on one batch of prompts; returns the step's metrics (all plain floats)."""
+    batch = rollout(model, tokenizer, prompts, examples, reward_fns, weights, cfg, generator)
+    stats = learn(model, batch, cfg, optimizer, scheduler, profiler)
+    K = cfg.num_generations
+    total = batch.rewards @ torch.tensor([weights.get(n, 1.0) for n in reward_fns], device=batch.rewards.device)
+    grouped = total.view(-1, K)
+    metrics = {"reward": total.mean().item(), "reward_std": total.std().item() if total.numel() > 1 else 0.0}
+    for j, name in enumerate(reward_fns):
+        metrics[f"reward/{name}"] = batch.rewards[:, j].mean().item()
+        metrics[f"reward/{name}_std"] = batch.rewards[:, j].std().item() if total.numel() > 1 else 0.0
+    metrics["zero_std_groups"] = (grouped.max(-1).values == grouped.min(-1).values).float().mean().item()
+    metrics["completion_len"] = batch.lengths.float().mean().item()
+    metrics["completion_len_max"] = int(batch.lengths.max())
+    metrics["truncated"] = batch.truncated.float().mean().item()
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    metrics["tokens"] = int(batch.lengths.sum())
+    metrics.update(stats)
+    metrics["time_sample"], metrics["time_score"] = batch.times["sample"], batch.times["score"]
+    return metrics
+
+
+# -------------------------------------------------------------------------- optimiser and schedule
+
+def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.99)):
+    """AdamW on the LoRA parameters only (fp32 state)."""
+    return torch.optim.AdamW(lora.lora_parameters(model), lr=lr, weight_decay=weight_decay, betas=betas)
+
+
+def make_scheduler(optimizer, warmup_steps: int, total_steps: int, kind: str = "constant"):
+    """Linear warm-up, then constant or cosine decay to 10% of the peak."""
+    if kind not in ("constant", "cosine"):
+        raise ValueError(f"lr schedule {kind!r} unknown; allowed: ('constant', 'cosine')")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
