@@ -1,0 +1,138 @@
+"""profiler.py: exact norms, micro-batch accumulation, the s·√r scaling law, and the statistics."""
+
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import lora as L
+import model as M
+import profiler as P
+from conftest import ROOT
+
+
+def test_no_top_level_module_shadows_the_standard_library():
+    names = [f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")]
+    assert "profiler" in names
+    assert not [n for n in names if n in sys.stdlib_module_names]
+
+
+def tiny_lora_model(layers=3, seed=0, **lora_kw):
+    cfg = M.ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = M.Qwen2(cfg)
+    m.init_weights(std=0.2, generator=torch.Generator().manual_seed(seed))
+    L.apply_lora(m, **lora_kw)
+    with torch.no_grad():  # B != 0 so that A gets a gradient too
+        for p in L.lora_parameters(m):
+            p.normal_(0, 0.05)
+    return m
+
+
+def loss_on(m, ids):
+    return m(ids).log_softmax(-1)[..., 0].mean()
+
+
+def test_norms_equal_norms_of_grad_and_accumulate_over_micro_batches(tmp_path):
+    m = tiny_lora_model(r=3, rank_pattern={"model.layers.1.*": 5, "model.layers.2.mlp.up_proj": 0})
+    prof = P.GradientProfiler(m)
+    ids = torch.randint(0, 40, (4, 9), generator=torch.Generator().manual_seed(1))
+    loss_on(m, ids[:2]).backward()  # two micro-batches accumulate into .grad
+    loss_on(m, ids[2:]).backward()
+    prof.record()
+    row = prof.grad_norms[-1]
+    for path, mod in L.lora_modules(m).items():
+        layer, k = int(path.split(".")[2]), prof.kinds.index(path.rsplit(".", 1)[-1])
+        assert row[layer, k, 0] == pytest.approx(mod.lora_A.weight.grad.norm().item(), rel=1e-6)
+        assert row[layer, k, 1] == pytest.approx(mod.lora_B.weight.grad.norm().item(), rel=1e-6)
+    assert np.isnan(row[2, prof.kinds.index("up_proj")]).all()  # rank 0: no adapter, no number
+    # the accumulated gradient's norm, not the sum of per-micro-batch norms
+    m.zero_grad()
+    loss_on(m, ids[:2]).backward()
+    prof.record()
+    loss_on(m, ids[2:]).backward()
+    prof.record()
+    assert not np.allclose(prof.grad_norms[1], prof.grad_norms[0], equal_nan=True)
+    prof.save(str(tmp_path))
+    loaded = P.load_profile(str(tmp_path))
+    assert loaded.grad_norms.shape == (3, 3, 7, 2)
+    np.testing.assert_array_equal(loaded.grad_norms, np.stack(prof.grad_norms))
+    assert loaded.ranks[0, 1, 0] == 5 and loaded.ranks[0, 2, prof.kinds.index("up_proj")] == 0
+    assert os.path.isfile(tmp_path / P.SUMMARY_FILE)
+    again = P.GradientProfiler(m)  # resume appends to the saved history
+    again.load(str(tmp_path))
+    again.record()
+    assert len(again) == 4
+
+
+@pytest.mark.parametrize("policy, exponent", [("fixed", -0.5), ("constant", 0.5), ("rslora", 0.0)])
+def test_grad_B_norm_scales_like_s_sqrt_r_at_init(policy, exponent):
+    """At init ∇B = s·G(Ax)ᵀ: its norm grows like s·√r, i.e. r^-0.5, r^+0.5 and r^0 for the three policies."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=g)
+    upstream = torch.randn(64, 80, generator=g)
+    ranks = [2, 4, 8, 16, 32, 64]
+    norms = []
+    for r in ranks:
+        vals = []
+        for seed in range(30):
+            torch.manual_seed(seed)
+            mod = L.LoRALinear(torch.nn.Linear(96, 80), r, L.lora_scale(policy, 16.0, r, 8))
+            (mod(x) * upstream).sum().backward()
+            vals.append(mod.lora_B.weight.grad.norm().item())
+        norms.append(np.mean(vals))
+    slope = np.polyfit(np.log(ranks), np.log(norms), 1)[0]
+    assert abs(slope - exponent) < 0.05, slope
+
+
+def synthetic_profile(layer_weights, steps=30, ranks=None, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    Lr = len(layer_weights)
+    w = np.asarray(layer_weights, float)[None, :, None, None]
+    g = np.ones((steps, Lr, 7, 2)) * w / math.sqrt(14)  # each layer's total norm = its weight
+    g = g * (1 + noise * rng.standard_normal(g.shape))
+    r = np.full((steps, Lr, 7), 32 if ranks is None else 0, np.int32)
+    if ranks is not None:
+        r[:] = np.asarray(ranks)[None, :, None]
+    return P.Profile(g.astype(np.float32), r, np.full(r.shape, 2.0, np.float32), list(L.TARGETS))
+
+
+def test_statistics_on_known_profiles():
+    flat = P.flatness(synthetic_profile([1.0] * 28))
+    assert flat["max_min_ratio"] == pytest.approx(1.0) and flat["top30_share"] == pytest.approx(30.0)
+    peaked = P.flatness(synthetic_profile([1.0] * 10 + [9.0] * 10))
+    assert peaked["max_min_ratio"] == pytest.approx(9.0)
+    assert peaked["top30_share"] == pytest.approx(100 * 6 * 9 / 100)  # top 6 of 20 layers, each 9% of 100
+    assert peaked["hottest_share"] == pytest.approx(9.0) and peaked["coldest_share"] == pytest.approx(1.0)
+    w = np.linspace(1, 2, 28)
+    stable = P.flatness(synthetic_profile(w, noise=0.01))
+    assert stable["early_late_corr"] > 0.95 and stable["hottest_layer"] == 27 and stable["coldest_layer"] == 0
+
+
+def test_amplification_and_normalised_view():
+    base = synthetic_profile([1.0] * 8, ranks=[32] * 8)
+    ranks = [16, 48, 32, 24, 40, 32, 20, 44]
+    follows = synthetic_profile(np.sqrt(np.array(ranks) / 32), ranks=ranks)  # gradient ∝ √r: follows the rank
+    assert P.amplification(base, follows) > 0.99
+    # dividing by s·√r removes exactly that mechanical effect (s is the same here)
+    assert P.flatness(follows, normalised=True)["max_min_ratio"] == pytest.approx(1.0)
+    assert P.amplification(base, follows, normalised=True) != P.amplification(base, follows)
+
+
+def test_report_cli(tmp_path, capsys):
+    for name, prof in (("u", synthetic_profile([1.0] * 8, ranks=[32] * 8)),
+                       ("r", synthetic_profile(np.linspace(1, 2, 8), ranks=[16, 48, 32, 24, 40, 32, 20, 44]))):
+        d = tmp_path / name
+        d.mkdir()
+        from safetensors.numpy import save_file
+        save_file({"grad_norms": prof.grad_norms, "ranks": prof.ranks, "scales": prof.scales},
+                  str(d / P.PROFILE_FILE), metadata={"modules": '["q_proj","k_proj","v_proj","o_proj",'
+                                                     '"gate_proj","up_proj","down_proj"]', "layers": "8"})
+    P.main([str(tmp_path / "u"), str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert out.count("raw") == 2 and out.count("norm") == 2 and "rank~shift" in out
+    with pytest.raises(SystemExit, match="no gradient profile"):
+        P.main([str(tmp_path / "missing")])
