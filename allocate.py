@@ -11,8 +11,8 @@ are an option: pass one weight per module and a budget over modules).
   random        uniform in [r_min, r_max] (seeded), then nudged one unit at a time to the budget
   reduced       proportional with `fraction` (70%) of the budget
 
-Defaults reproduce the study's ranges on its profile: proportional 20-40, random 16-48, reduced 12-32
-bounds (the study reports 12-31). Impossible requests are errors, never silently clipped.
+Default bounds are fractions of the uniform rank that give the study's ranges at its budget:
+proportional 20-40, random 16-48, reduced 12-32 (the study reports 12-31 for reduced). Impossible requests are errors, never silently clipped.
 
     python allocate.py --strategy proportional --profile RUN_DIR [--out ranks.json]
 """
@@ -28,7 +28,9 @@ import sys
 import numpy as np
 
 STRATEGIES = ("uniform", "proportional", "random", "reduced")
-BOUNDS = {"uniform": (1, 10**6), "proportional": (20, 40), "random": (16, 48), "reduced": (12, 32)}
+# Bounds as fractions of the uniform rank (budget / units): at 896 / 28 = 32 they are the study's
+# 20-40, 16-48 and 12-32; a smaller model or budget scales them with it.
+BOUNDS = {"uniform": (0, 10**6), "proportional": (0.625, 1.25), "random": (0.5, 1.5), "reduced": (0.375, 1.0)}
 MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -94,9 +96,9 @@ def allocate(strategy: str, num_layers: int, budget: int, profile=None, r_min: i
     """Ranks per unit (layer, or module) for a strategy; `profile` is one weight per unit (gradient shares)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r} unknown; allowed: {STRATEGIES}")
-    lo, hi = BOUNDS[strategy]
-    lo = lo if r_min is None else r_min
-    hi = hi if r_max is None else r_max
+    r0 = budget / num_layers
+    lo = round(BOUNDS[strategy][0] * r0) if r_min is None else r_min
+    hi = round(BOUNDS[strategy][1] * r0) if r_max is None else r_max
     if strategy == "uniform":
         if budget % num_layers:
             raise ValueError(f"uniform: budget {budget} is not a multiple of {num_layers} units")

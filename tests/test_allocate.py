@@ -65,7 +65,7 @@ def test_random_is_seeded():
 
 def test_impossible_requests_are_errors():
     with pytest.raises(ValueError, match=r"must lie in \[560, 1120\]"):
-        A.allocate("proportional", 28, 1200, STUDY_SHARES)
+        A.allocate("proportional", 28, 1200, STUDY_SHARES, r_min=20, r_max=40)
     with pytest.raises(ValueError, match="needs a gradient profile"):
         A.allocate("reduced", 28, 896)
     with pytest.raises(ValueError, match="allowed"):
