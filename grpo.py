@@ -30,10 +30,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 import lora
-from model import generate, left_pad
+from model import completion_logprobs, generate, left_pad
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
@@ -102,19 +101,6 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, loss_type: str, n_seqs: in
     if loss_type == "dr_grpo":
         return loss.sum() / (n_seqs * max_new_tokens)
     raise ValueError(f"loss_type {loss_type!r} unknown; allowed: {LOSS_TYPES}")
-
-
-def sequence_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_completion: int, entropy: bool = False):
-    """fp32 log-probs [N, Tc] of the last Tc tokens of ids [N, T] (and the policy's entropy there)."""
-    logits = model(ids, attn, num_logits=n_completion + 1)[:, :-1].float()  # (N, Tc, V) predicts the tail
-    targets = ids[:, -n_completion:]
-    logp = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-    if not entropy:
-        return logp, None
-    with torch.no_grad():
-        lp = logits.log_softmax(-1)
-        ent = -(lp.exp() * lp).sum(-1)
-    return logp, ent
 
 
 # ------------------------------------------------------------------------------------- the step
@@ -190,7 +176,7 @@ def learn(model, batch: Rollout, cfg: GRPOConfig, optimizer, scheduler=None, pro
 
     def logps(s, grad=False, entropy=False):
         with torch.set_grad_enabled(grad):
-            return sequence_logprobs(model, batch.ids[s], batch.attn[s], Tc, entropy)
+            return completion_logprobs(model, batch.ids[s], batch.attn[s], Tc, entropy)
 
     ref = old = None
     if cfg.beta != 0:

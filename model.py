@@ -271,6 +271,21 @@ class KVCache:
         return self
 
 
+# ------------------------------------------------------------------------------------- log-probs
+
+def completion_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_completion: int, entropy: bool = False):
+    """fp32 log-probs [N, Tc] of the last Tc tokens of ids [N, T] (and the policy's entropy there)."""
+    logits = model(ids, attn, num_logits=n_completion + 1)[:, :-1].float()  # (N, Tc, V) predicts the tail
+    targets = ids[:, -n_completion:]
+    logp = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    if not entropy:
+        return logp, None
+    with torch.no_grad():
+        lp = logits.log_softmax(-1)
+        ent = -(lp.exp() * lp).sum(-1)
+    return logp, ent
+
+
 # -------------------------------------------------------------------------------------- loading
 
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

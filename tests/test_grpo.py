@@ -116,7 +116,7 @@ def test_beta_zero_has_no_kl_gradient_and_masked_tokens_none_at_all():
         assert torch.isfinite(z.grad[mask]).all()
 
 
-def test_sequence_logprobs_equal_a_full_forward():
+def test_completion_logprobs_equal_a_full_forward():
     cfg = M.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     m = M.Qwen2(cfg)
@@ -124,7 +124,7 @@ def test_sequence_logprobs_equal_a_full_forward():
     ids = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(1))
     attn = torch.ones_like(ids)
     attn[1, :2] = 0
-    logp, ent = R.sequence_logprobs(m, ids, attn, 4, entropy=True)
+    logp, ent = M.completion_logprobs(m, ids, attn, 4, entropy=True)
     full = m(ids, attn).log_softmax(-1)
     for i in range(3):
         for j in range(4):

@@ -1,0 +1,118 @@
+"""train.py end to end through its real entry point (subprocesses), on the offline tiny preset."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+TRAIN = os.path.join(ROOT, "train.py")
+
+
+def run(args, cwd, ok=True):
+    p = subprocess.run([sys.executable, TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    if ok:
+        assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The tiny study: uniform first, then the arms that follow from its profile."""
+    cwd = tmp_path_factory.mktemp("study")
+    run(["--preset", "tiny", "--strategy", "uniform", "--out", "runs/uniform"], cwd)
+    for s in ("proportional", "reduced", "random", "base"):
+        run(["--preset", "tiny", "--strategy", s, "--out", f"runs/{s}"], cwd)
+    return cwd
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_every_strategy_produces_a_complete_run_folder(study):
+    for s in ("uniform", "proportional", "reduced", "random"):
+        d = study / "runs" / s
+        for name in ("config.json", "ranks.json", "metrics.jsonl", "profile.safetensors", "profile_summary.json",
+                     "eval_final.jsonl", "eval_step6.jsonl", "adapter/adapter_config.json",
+                     "adapter/adapter_model.safetensors", "checkpoint.pt", "results.json"):
+            assert (d / name).exists(), (s, name)
+        res = load(d / "results.json")
+        assert res["strategy"] == s and res["steps"] == 12 and res["n"] == 32
+        metrics = [json.loads(line) for line in open(d / "metrics.jsonl")]
+        assert [m["step"] for m in metrics] == list(range(1, 13))
+        layer_ranks = load(d / "ranks.json")["layer_ranks"]
+        assert sum(layer_ranks) == (round(0.7 * 32) if s == "reduced" else 32)
+    assert load(study / "runs/proportional/ranks.json")["profile"] == "runs/uniform"  # found by itself
+    base = load(study / "runs/base/results.json")
+    assert base["lora_params"] == 0 and not (study / "runs/base/adapter").exists()
+
+
+def test_table_matches_results(study):
+    dirs = [str(study / "runs" / s) for s in ("uniform", "proportional", "reduced", "random", "base")]
+    out = run(["--table", *dirs], study).stdout
+    for d in dirs:
+        r = load(os.path.join(d, "results.json"))
+        line = next(line for line in out.splitlines() if line.startswith(r["strategy"] + " "))
+        assert f"{100 * r['accuracy']:.1f}% ({100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f})" in line
+        assert f"{100 * r['format_rate']:.1f}%" in line
+    assert "max/min" in out and "grpo:proportional" in out
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    common = ["--preset", "tiny", "--steps", "8", "--checkpoint-every", "2", "--eval-every", "0"]
+    run([*common, "--out", "runs/whole"], tmp_path)
+    run([*common, "--out", "runs/parts", "--stop-after", "3"], tmp_path)
+    assert len(open(tmp_path / "runs/parts/metrics.jsonl").readlines()) == 3
+    run(["--resume", "runs/parts", "--stop-after", "2"], tmp_path)
+    run(["--resume", "runs/parts"], tmp_path)
+    from safetensors.torch import load_file
+    a = load_file(tmp_path / "runs/whole/adapter/adapter_model.safetensors")
+    b = load_file(tmp_path / "runs/parts/adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical on the CPU
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if not k.startswith("time")}
+    ma = [strip(line) for line in open(tmp_path / "runs/whole/metrics.jsonl")]
+    mb = [strip(line) for line in open(tmp_path / "runs/parts/metrics.jsonl")]
+    assert ma == mb and len(ma) == 8
+    pa, pb = (load_file(tmp_path / f"runs/{n}/profile.safetensors") for n in ("whole", "parts"))
+    assert torch.equal(pa["grad_norms"], pb["grad_norms"]) and pa["grad_norms"].shape[0] == 8
+    ra, rb = load(tmp_path / "runs/whole/results.json"), load(tmp_path / "runs/parts/results.json")
+    assert ra["accuracy"] == rb["accuracy"]
+
+
+def test_clear_errors(tmp_path):
+    cases = [
+        (["--preset", "tiny", "--strategy", "adaptive"], "unknown; allowed: base, uniform"),
+        (["--preset", "tiny", "--strategy", "proportional"], "Run `python train.py --preset tiny --strategy uniform`"),
+        (["--preset", "tiny", "--rank-pattern", "missing.json"], "missing.json"),
+        (["--preset", "tiny", "--rank-pattern", "bad.json"], "bad.json:2: not valid JSON"),
+        (["--preset", "tiny", "--rank-pattern", "nomatch.json"], "matches no targeted module"),
+        (["--model", str(tmp_path / "nowhere"), "--device", "cpu"], "cannot load model"),
+        (["--model", str(tmp_path / "empty"), "--device", "cpu"], "config.json"),
+    ]
+    (tmp_path / "bad.json").write_text('{\n  "model.layers.0.mlp.up_proj": 4,,\n}')
+    (tmp_path / "nomatch.json").write_text('{"model.layers.99.mlp.up_proj": 4}')
+    (tmp_path / "empty").mkdir()
+    for args, expected in cases:
+        p = run(args, tmp_path, ok=False)
+        assert p.returncode != 0, args
+        err = p.stderr.strip().splitlines()
+        assert err and err[-1].startswith("error:") and expected in err[-1], (args, p.stderr[-500:])
+
+
+def test_rank_pattern_file_is_used(tmp_path):
+    pattern = {f"model.layers.{i}.{m}": 4 + i for i in range(4)
+               for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    (tmp_path / "p.json").write_text(json.dumps(pattern))
+    run(["--preset", "tiny", "--rank-pattern", "p.json", "--steps", "2", "--out", "runs/p"], tmp_path)
+    cfg = load(tmp_path / "runs/p/adapter/adapter_config.json")
+    assert cfg["r"] == 8 and len(cfg["rank_pattern"]) == 28
+    res = load(tmp_path / "runs/p/results.json")
+    assert (res["rank_min"], res["rank_max"]) == (4, 7) and res["strategy"] == "pattern:p.json"

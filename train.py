@@ -1,0 +1,494 @@
+"""The whole study from one command: LoRA + GRPO on GSM8K, profiled every step, evaluated at the end.
+
+    python train.py --strategy uniform                    # the study's uniform arm (r=32 everywhere)
+    python train.py --strategy proportional               # ranks from the latest uniform run's profile
+    python train.py --strategy reduced | random | base
+    python train.py --preset tiny --strategy uniform      # offline, CPU, about a minute
+    python train.py --resume runs/uniform-20261129-120000
+    python train.py --table runs/*                        # the study's results table + gradient statistics
+
+This is the only file that wires the others together: model.py loads Qwen2, lora.py adapts it with
+the ranks allocate.py computes, grpo.py trains it on gsm8k.py's prompts and rewards, profiler.py
+records every adapter's gradient. A run folder holds everything needed to audit or reproduce it:
+config.json (every setting, resolved), ranks.json, metrics.jsonl, the gradient profile, periodic and
+final evaluation records, the adapter in PEFT format, checkpoint.pt and results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import json
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import allocate
+import grpo
+import gsm8k
+import lora
+import model as qwen
+import sft
+from profiler import GradientProfiler, atomic_json, report as profile_report
+
+STRATEGIES = ("base", "uniform", "proportional", "random", "reduced")
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to run
+    strategy: str = opt("uniform", f"rank allocation: {'|'.join(STRATEGIES)}")
+    model: str = opt("Qwen/Qwen2.5-1.5B-Instruct", "Hub repo id or local folder of a Qwen2 checkpoint")
+    data: str | None = opt(None, "folder with GSM8K {train,test}.jsonl (default: download the original release)")
+    preset: str | None = opt(None, "'tiny': random tiny model, synthetic problems, a few steps, offline on a CPU")
+    out: str | None = opt(None, "run folder (default runs/<strategy>-<timestamp>)")
+    seed: int = opt(0, "seed of everything: data order, sampling, LoRA init, random allocation")
+    # --- LoRA and the rank budget
+    rank: int = opt(32, "uniform rank r0; the budget is layers x r0 unless --budget is given")
+    budget: int | None = opt(None, "total of per-layer ranks (default layers x rank = 896 on Qwen2.5-1.5B)")
+    alpha: float = opt(64.0, "LoRA alpha (2 x r0, the common choice; the study does not state it)")
+    scale_policy: str = opt("fixed", "fixed (alpha/r, PEFT's default) | constant (alpha/r0) | rslora (alpha/sqrt r)")
+    dropout: float = opt(0.0, "LoRA dropout (0: GRPO's log-prob ratios should not see dropout noise)")
+    r_min: int | None = opt(None, "lower rank bound (default by strategy: 20/16/12 at r0=32)")
+    r_max: int | None = opt(None, "upper rank bound (default by strategy: 40/48/32 at r0=32)")
+    fraction: float = opt(0.7, "budget fraction of the reduced strategy")
+    profile: str | None = opt(None, "uniform run folder whose profile drives proportional/reduced (default: latest)")
+    normalised_profile: bool = opt(False, "allocate from rank-normalised instead of raw gradient shares")
+    rank_pattern: str | None = opt(None, "JSON file {module path: rank} (e.g. from allocate.py), replaces the strategy")
+    # --- GRPO (unstated in the study: common GRPO-on-GSM8K values, each a flag)
+    steps: int = opt(1000, "optimisation steps (the study: 1000)")
+    prompts_per_step: int = opt(4, "prompts per step (the study: 4)")
+    num_generations: int = opt(4, "completions per prompt, K (the study: 4)")
+    max_new_tokens: int = opt(512, "completion length cap: GSM8K reasoning fits in 512 for Qwen2.5-1.5B")
+    temperature: float = opt(1.0, "sampling temperature (1.0: the policy's own distribution)")
+    top_p: float = opt(1.0, "nucleus sampling (1.0: off, so log-probs are the sampler's)")
+    lr: float = opt(1e-5, "peak learning rate (LoRA GRPO recipes use 5e-6 to 2e-5)")
+    warmup_steps: int = opt(50, "linear warm-up steps")
+    lr_schedule: str = opt("cosine", "constant | cosine (to 10% of the peak)")
+    weight_decay: float = opt(0.1, "AdamW weight decay on the adapters")
+    beta: float = opt(0.04, "KL weight (DeepSeekMath's 0.04)")
+    eps_low: float = opt(0.2, "lower clip range")
+    eps_high: float = opt(0.2, "upper clip range (DAPO raises it to 0.28)")
+    loss_type: str = opt("grpo", "grpo | dapo | dr_grpo (see grpo.py)")
+    scale_rewards: bool = opt(True, "divide advantages by the group std (off: Dr. GRPO)")
+    num_iterations: int = opt(1, "optimiser passes per sampled batch")
+    mask_truncated: bool = opt(False, "exclude completions that hit max_new_tokens from the loss")
+    micro_batch: int = opt(4, "sequences per forward/backward (lower it on out-of-memory)")
+    grad_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% slower)")
+    max_grad_norm: float = opt(1.0, "gradient-norm clip (0: off)")
+    reward_correct: float = opt(1.0, "weight of the correctness reward")
+    reward_format: float = opt(0.5, "weight of the format reward")
+    format_strict: bool = opt(False, "strict format reward instead of partial credit (0.25 per tag)")
+    # --- evaluation and bookkeeping
+    eval_n: int | None = opt(None, "test problems for the final evaluation (default all 1,319)")
+    eval_every: int = opt(0, "evaluate every N steps on --eval-every-n problems (0: final only)")
+    eval_every_n: int = opt(200, "problems in each periodic evaluation")
+    eval_max_new_tokens: int = opt(512, "completion cap in evaluation")
+    eval_batch: int = opt(64, "evaluation batch size")
+    checkpoint_every: int = opt(50, "steps between checkpoints")
+    stop_after: int | None = opt(None, "stop (with a checkpoint) after this many steps of this invocation")
+    device: str | None = opt(None, "cuda | cpu (default: cuda when present)")
+
+
+PRESETS = {
+    "tiny": dict(steps=12, prompts_per_step=4, num_generations=4, max_new_tokens=32, rank=8, alpha=16.0, lr=2e-3,
+                 warmup_steps=1, eval_n=32, eval_every=6, eval_every_n=8, eval_max_new_tokens=32, eval_batch=32,
+                 checkpoint_every=4, device="cpu"),
+}
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0)
+
+
+# ------------------------------------------------------------------------------------------ set-up
+
+def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
+            ap.add_argument(flag, type=kind, default=None, help=f.metadata["help"])
+    ap.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    ap.add_argument("--table", nargs="+", metavar="RUN_DIR", help="print the study's results table and exit")
+    args = ap.parse_args(argv)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name) is not None}
+    preset = given.get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise SystemExit(f"error: --preset {preset!r} unknown; allowed: {sorted(PRESETS)}")
+    cfg = TrainConfig(**{**(PRESETS.get(preset) or {}), **given})
+    check(cfg)
+    return cfg, args
+
+
+def check(cfg: TrainConfig):
+    """One-line errors for settings that cannot work."""
+    if cfg.strategy not in STRATEGIES:
+        raise SystemExit(f"error: --strategy {cfg.strategy!r} unknown; allowed: {', '.join(STRATEGIES)}")
+    if cfg.scale_policy not in lora.SCALE_POLICIES:
+        raise SystemExit(f"error: --scale-policy {cfg.scale_policy!r} unknown; allowed: {lora.SCALE_POLICIES}")
+    if cfg.loss_type not in grpo.LOSS_TYPES:
+        raise SystemExit(f"error: --loss-type {cfg.loss_type!r} unknown; allowed: {grpo.LOSS_TYPES}")
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise SystemExit(f"error: --lr-schedule {cfg.lr_schedule!r} unknown; allowed: constant, cosine")
+
+
+def log(msg: str):
+    print(msg, flush=True)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_tiny_model(folder: str, seed: int = 0, warmup_steps: int = 40) -> str:
+    """A tiny Qwen2 in the HF layout: BPE tokenizer trained on synthetic problems, random weights, then
+    `warmup_steps` of full SFT on those problems, so that it sometimes answers in format and GRPO's
+    rewards vary (a random model never would, and every advantage would be zero)."""
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return folder
+    problems = gsm8k.synthetic_problems(200, seed=1234)
+    chat = qwen.Tokenizer.chat
+    texts = [gsm8k.prompt_text(p.question, chat) + gsm8k.reference_completion(p) for p in problems]
+    tok = qwen.Tokenizer(qwen.train_tiny_tokenizer(texts, vocab_size=400))
+    m = qwen.Qwen2(qwen.ModelConfig(vocab_size=tok.tok.get_vocab_size(), **TINY_SHAPE))
+    m.init_weights(std=0.1, generator=torch.Generator().manual_seed(seed))
+    params = list(m.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    rng = random.Random(seed)
+    for _ in range(warmup_steps):
+        sft.sft_step(m, tok, opt, rng.sample(problems, 16), micro_batch=16, params=params)
+    m.eval()
+    tmp = folder + ".tmp"
+    qwen.save_pretrained(m, tmp)
+    tok.tok.save(os.path.join(tmp, "tokenizer.json"))
+    os.replace(tmp, folder)
+    return folder
+
+
+def load_data(cfg: TrainConfig):
+    if cfg.preset == "tiny":
+        return gsm8k.synthetic_problems(200, seed=1234), gsm8k.synthetic_problems(64, seed=4321)
+    return gsm8k.load_gsm8k("train", cfg.data), gsm8k.load_gsm8k("test", cfg.data)
+
+
+def latest_uniform_run(cfg: TrainConfig) -> str:
+    """The newest finished uniform run for the same model/preset under runs/."""
+    found = []
+    for c in glob.glob(os.path.join("runs", "*", "config.json")):
+        with open(c) as f:
+            other = json.load(f)
+        d = os.path.dirname(c)
+        if (other.get("strategy") == "uniform" and other.get("preset") == cfg.preset
+                and other.get("model_name", other.get("model")) == cfg.model
+                and os.path.isfile(os.path.join(d, "profile_summary.json"))
+                and os.path.isfile(os.path.join(d, "results.json"))):
+            found.append((os.path.getmtime(os.path.join(d, "results.json")), d))
+    if not found:
+        preset = f" --preset {cfg.preset}" if cfg.preset else ""
+        raise SystemExit(f"error: --strategy {cfg.strategy} needs the gradient profile of a finished uniform run; "
+                         f"none found under runs/. Run `python train.py{preset} --strategy uniform` first, "
+                         f"or pass --profile RUN_DIR")
+    return max(found)[1]
+
+
+def read_rank_pattern(path: str) -> dict:
+    try:
+        with open(path) as f:
+            pattern = json.load(f)
+    except OSError as e:
+        raise SystemExit(f"error: --rank-pattern {path}: {e.strerror}")
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: --rank-pattern {path}:{e.lineno}: not valid JSON ({e.msg})")
+    if not isinstance(pattern, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                                for k, v in pattern.items()):
+        raise SystemExit(f"error: --rank-pattern {path}: expected a JSON object {{module path: integer rank}}")
+    return pattern
+
+
+def resolve_ranks(cfg: TrainConfig, num_layers: int) -> tuple[dict | None, dict]:
+    """The rank pattern for apply_lora and a record of where it came from."""
+    if cfg.rank_pattern:
+        return read_rank_pattern(cfg.rank_pattern), {"source": cfg.rank_pattern}
+    budget = cfg.budget or num_layers * cfg.rank
+    info = {"budget": budget}
+    shares = None
+    if cfg.strategy in ("proportional", "reduced"):
+        src = cfg.profile
+        try:
+            shares = allocate.read_shares(src, cfg.normalised_profile)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: --profile: {e}")
+        info["profile"] = src
+    try:
+        ranks = allocate.allocate(cfg.strategy, num_layers, budget, shares, cfg.r_min, cfg.r_max, cfg.seed,
+                                  cfg.fraction)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    info["layer_ranks"] = ranks
+    return allocate.rank_pattern(ranks), info
+
+
+# --------------------------------------------------------------------------------------- the run
+
+class Run:
+    """Everything one training run owns: model, optimiser, profiler, data order, and its folder."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str):
+        self.cfg, self.dir = cfg, run_dir
+        os.makedirs(run_dir, exist_ok=True)
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu" and cfg.preset is None:
+            warnings.warn("no GPU: running on the CPU. Real results need the real model on a GPU; "
+                          "try --preset tiny to watch the pipeline.")
+        seed_everything(cfg.seed)
+        model_path = build_tiny_model(os.path.join(run_dir, "tiny-model")) if cfg.preset == "tiny" else cfg.model
+        try:
+            self.model = qwen.from_pretrained(model_path, device=self.device)
+            self.tok = qwen.load_tokenizer(model_path)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot load model {model_path!r}: {e}")
+        self.train_set, self.test_set = load_data(cfg)
+        self.ranks, self.rank_info, self.opt, self.sched, self.profiler = {}, {}, None, None, None
+        self.step = 0
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        if cfg.strategy != "base":
+            pattern, self.rank_info = resolve_ranks(cfg, self.model.config.num_hidden_layers)
+            try:
+                self.ranks = lora.apply_lora(self.model, r=cfg.rank, alpha=cfg.alpha, rank_pattern=pattern,
+                                             dropout=cfg.dropout, scale_policy=cfg.scale_policy)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}")
+            self.model.gradient_checkpointing = cfg.grad_checkpointing
+            self.opt = grpo.make_optimizer(self.model, cfg.lr, cfg.weight_decay)
+            self.sched = grpo.make_scheduler(self.opt, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
+            self.profiler = GradientProfiler(self.model)
+        self.grpo_cfg = grpo.GRPOConfig(
+            num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            top_p=cfg.top_p, beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_type=cfg.loss_type,
+            scale_rewards=cfg.scale_rewards, num_iterations=cfg.num_iterations, mask_truncated=cfg.mask_truncated,
+            micro_batch=cfg.micro_batch, max_grad_norm=cfg.max_grad_norm)
+        self.rewards = {"correct": lambda text, ex: gsm8k.correct_reward(text, ex.gold),
+                        "format": lambda text, ex: gsm8k.format_reward(text, cfg.format_strict)}
+        self.weights = {"correct": cfg.reward_correct, "format": cfg.reward_format}
+
+    # -- data order: a fresh seeded permutation each epoch, so position = step alone
+    def batch(self, step: int) -> list:
+        n, B = len(self.train_set), self.cfg.prompts_per_step
+        out = []
+        for j in range(step * B, step * B + B):
+            epoch, i = divmod(j, n)
+            perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
+            out.append(self.train_set[perm[i]])
+        return out
+
+    def prompts(self, examples) -> list[list[int]]:
+        return [self.tok.encode(gsm8k.prompt_text(ex.question, self.tok.chat)) for ex in examples]
+
+    # -- checkpoints: one file, written atomically
+    def save_checkpoint(self):
+        state = {"step": self.step, "lora": {k: v for k, v in self.model.state_dict().items() if "lora_" in k},
+                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+                         "sampler": self.gen.get_state()}}
+        tmp = os.path.join(self.dir, "checkpoint.pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, os.path.join(self.dir, "checkpoint.pt"))
+        self.profiler.save(self.dir)
+
+    def load_checkpoint(self):
+        state = torch.load(os.path.join(self.dir, "checkpoint.pt"), map_location=self.device, weights_only=False)
+        missing = self.model.load_state_dict(state["lora"], strict=False)
+        if missing.unexpected_keys:
+            raise SystemExit(f"error: checkpoint does not fit the model: {missing.unexpected_keys[:3]}")
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng["cuda"] is not None:
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        self.gen.set_state(rng["sampler"].cpu())
+        self.step = state["step"]
+        self.profiler.load(self.dir)
+        self.profiler.truncate(self.step)  # steps after the checkpoint are recomputed
+        truncate_jsonl(os.path.join(self.dir, "metrics.jsonl"), self.step)
+
+    # -- evaluation
+    def evaluate(self, examples, name: str) -> dict:
+        cfg = self.cfg
+        with lora.merged(self.model) if self.ranks else contextlib.nullcontext():
+            res = gsm8k.evaluate(self.model, self.tok, examples, cfg.eval_max_new_tokens, cfg.eval_batch,
+                                 records_path=os.path.join(self.dir, f"eval_{name}.jsonl"))
+        res.pop("records")
+        atomic_json(os.path.join(self.dir, f"eval_{name}.json"), res)
+        return res
+
+
+def truncate_jsonl(path: str, n: int):
+    """Keep the first n lines (a resumed run rewrites what came after its checkpoint)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()[:n]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
+def fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def progress_line(step: int, total: int, m: dict, sec: float, eta: float) -> str:
+    return (f"step {step:>4}/{total} | reward {m['reward']:.3f} | acc {m['reward/correct']:.2f} | "
+            f"fmt {m['reward/format']:.2f} | kl {m['kl']:.4f} | len {m['completion_len']:.0f} | "
+            f"{sec:.2f}s/step | ETA {fmt_time(eta)}")
+
+
+def train(run: Run, stop_after: int | None):
+    """The step loop: sample, score, learn, profile, log; checkpoint periodically and on Ctrl-C."""
+    cfg = run.cfg
+    metrics_path = os.path.join(run.dir, "metrics.jsonl")
+    start_step, t_start = run.step, time.perf_counter()
+    try:
+        while run.step < cfg.steps:
+            if stop_after is not None and run.step - start_step >= stop_after:
+                run.save_checkpoint()
+                log(f"stopped after {stop_after} steps at step {run.step}; resume with --resume {run.dir}")
+                return False
+            t0 = time.perf_counter()
+            examples = run.batch(run.step)
+            m = grpo.grpo_step(run.model, run.tok, run.opt, examples, run.prompts(examples), run.rewards,
+                               run.weights, run.grpo_cfg, run.gen, scheduler=run.sched, profiler=run.profiler)
+            run.step += 1
+            m["step"], m["time_step"] = run.step, time.perf_counter() - t0
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            done = run.step - start_step
+            per_step = (time.perf_counter() - t_start) / done
+            log(progress_line(run.step, cfg.steps, m, m["time_step"], per_step * (cfg.steps - run.step)))
+            if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
+                res = run.evaluate(gsm8k.subset(run.test_set, cfg.eval_every_n, cfg.seed), f"step{run.step}")
+                log(f"eval @ {run.step}: accuracy {res['accuracy']:.3f} format {res['format_rate']:.2f}")
+            if run.step % cfg.checkpoint_every == 0:
+                run.save_checkpoint()
+    except KeyboardInterrupt:
+        run.save_checkpoint()
+        log(f"\ninterrupted: checkpoint at step {run.step} written; resume with --resume {run.dir}")
+        raise SystemExit(130)
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit("error: CUDA out of memory. Lower --micro-batch, add --grad-checkpointing, "
+                         "or lower --max-new-tokens")
+    run.save_checkpoint()
+    return True
+
+
+def finish(run: Run, t_total: float):
+    """Final adapter, profile, evaluation and results.json."""
+    cfg = run.cfg
+    tokens = 0
+    if run.ranks:
+        lora.save_adapter(run.model, os.path.join(run.dir, "adapter"), cfg.model)
+        run.profiler.save(run.dir)
+        with open(os.path.join(run.dir, "metrics.jsonl")) as f:
+            tokens = sum(json.loads(line)["tokens"] for line in f)
+    log(f"final evaluation on {cfg.eval_n or len(run.test_set)} test problems ...")
+    res = run.evaluate(gsm8k.subset(run.test_set, cfg.eval_n, cfg.seed), "final")
+    active = [r for r in run.ranks.values() if r > 0]
+    results = {"strategy": cfg.strategy if not cfg.rank_pattern else f"pattern:{os.path.basename(cfg.rank_pattern)}",
+               "algo": "grpo", "seed": cfg.seed, "rank_min": min(active, default=0),
+               "rank_max": max(active, default=0),
+               "lora_params": lora.count_lora_params(run.model)["total"] if run.ranks else 0,
+               "accuracy": res["accuracy"], "ci95": res["ci95"], "n": res["n"], "correct": res["correct"],
+               "format_rate": res["format_rate"], "lenient_accuracy": res["lenient_accuracy"],
+               "steps": run.step, "time_s": t_total, "train_tokens": tokens}
+    atomic_json(os.path.join(run.dir, "results.json"), results)
+    log(f"accuracy {res['accuracy']:.3f} (95% CI {res['ci95'][0]:.3f}-{res['ci95'][1]:.3f}), "
+        f"format {res['format_rate']:.2f}; results in {run.dir}")
+
+
+def results_table(run_dirs: list[str]) -> str:
+    """The study's table from results.json files, then the gradient statistics of runs that have a profile."""
+    rows = []
+    for d in run_dirs:
+        path = os.path.join(d, "results.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {path}: no results (is the run finished?)")
+        with open(path) as f:
+            rows.append(json.load(f))
+    lines = [f"{'Strategy':<16} {'Range':<9} {'Params':>8} {'GSM8K Acc (95% CI)':>24} {'Format':>7} {'n':>5}"]
+    for r in sorted(rows, key=lambda r: r["accuracy"]):
+        rng = f"r={r['rank_min']}-{r['rank_max']}" if r["lora_params"] else "-"
+        p = r["lora_params"]
+        params = f"{p / 1e6:.1f}M" if p >= 1e6 else f"{p / 1e3:.1f}K" if p else "0"
+        ci = f"{100 * r['accuracy']:.1f}% ({100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f})"
+        lines.append(f"{r['strategy']:<16} {rng:<9} {params:>8} {ci:>24} {100 * r['format_rate']:>6.1f}% {r['n']:>5}")
+    profiled = [d for d in run_dirs if os.path.isfile(os.path.join(d, "profile.safetensors"))]
+    if profiled:
+        lines += ["", "Gradient statistics (shares in %, raw and rank-normalised):", profile_report(profiled)]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    cfg, args = parse_args(argv)
+    if args.table:
+        print(results_table(args.table))
+        return
+    if args.resume:
+        path = os.path.join(args.resume, "config.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --resume {args.resume}: no config.json (not a run folder)")
+        with open(path) as f:
+            saved = json.load(f)
+        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+        run_dir = args.resume
+    else:
+        run_dir = cfg.out or os.path.join("runs", f"{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if os.path.isfile(os.path.join(run_dir, "config.json")):
+            raise SystemExit(f"error: {run_dir} already holds a run; use --resume {run_dir} or another --out")
+    stop_after = args.stop_after if args.resume else cfg.stop_after
+    if not args.resume:  # cheap checks before loading a model
+        if cfg.rank_pattern:
+            read_rank_pattern(cfg.rank_pattern)
+        elif cfg.strategy in ("proportional", "reduced") and cfg.profile is None:
+            cfg.profile = latest_uniform_run(cfg)
+    t0 = time.perf_counter()
+    run = Run(cfg, run_dir)
+    if not args.resume:
+        atomic_json(os.path.join(run_dir, "config.json"),
+                    {**dataclasses.asdict(cfg), "torch": torch.__version__, "device": str(run.device)})
+        atomic_json(os.path.join(run_dir, "ranks.json"), {"ranks": run.ranks, **run.rank_info})
+    log(f"run {run_dir}: strategy {cfg.strategy}, {run.model.config.num_hidden_layers} layers, "
+        f"{lora.count_lora_params(run.model)['total'] if run.ranks else 0:,} LoRA parameters, device {run.device}")
+    if run.ranks:
+        if args.resume and os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+            run.load_checkpoint()
+            log(f"resumed at step {run.step}")
+        if not train(run, stop_after):
+            return
+    finish(run, time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()
