@@ -91,9 +91,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 so bf16 activations do not lose the small variances.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -129,7 +127,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, nkv, S, hd): everything cached so far
         # GQA: SDPA's enable_gqa shares each KV head across n_head / n_kv query heads without a copy.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=self.n_kv != self.n_head)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
+                                           enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -204,16 +203,26 @@ class Qwen2(nn.Module):
         else:
             positions, valid = cache.append_mask(mask)  # valid: (B, S) over all cached positions
             past = cache.pos - T
-        # allowed[b, 0, i, j]: query i (absolute past+i) may see key j. Causal, not padding, and always
-        # itself, so a padding query never has an all-masked row (its output is ignored anyway).
-        S = valid.shape[1]
-        q_idx = torch.arange(past, past + T, device=input_ids.device)[:, None]
-        k_idx = torch.arange(S, device=input_ids.device)[None, :]
-        allowed = (k_idx <= q_idx)[None] & valid[:, None, :]
-        allowed = (allowed | (k_idx == q_idx)[None])[:, None]  # (B, 1, T, S)
+        if attention_mask is None and cache is None:  # no padding: plain causal attention, no mask tensor
+            allowed = None
+        elif T == 1 and cache is not None:  # a decode step: the newest token sees every real cached token
+            allowed = valid[:, None, None, :]  # (B, 1, 1, S)
+        else:
+            # allowed[b, 0, i, j]: query i (absolute past+i) may see key j. Causal, not padding, and always
+            # itself, so a padding query never has an all-masked row (its output is ignored anyway).
+            S = valid.shape[1]
+            q_idx = torch.arange(past, past + T, device=input_ids.device)[:, None]
+            k_idx = torch.arange(S, device=input_ids.device)[None, :]
+            allowed = (k_idx <= q_idx)[None] & valid[:, None, :]
+            allowed = (allowed | (k_idx == q_idx)[None])[:, None]  # (B, 1, T, S)
 
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if allowed is not None:  # additive: SDPA's CPU kernel takes it faster than a boolean mask
+            allowed = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
+        if cache is None:
+            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        else:  # looked up in the table the cache computed once
+            cos, sin = cache.cos[positions], cache.sin[positions]
         for i, block in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, cos, sin, allowed, None, i, use_reentrant=False)
@@ -240,6 +249,9 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
         self.seen = torch.zeros(batch, device=device, dtype=torch.long)
+        positions = torch.arange(max_len, device=device)[None]
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)
+        self.cos, self.sin = cos[0], sin[0]  # (max_len, hd)
         self.max_len = max_len
         self.pos = 0
 
@@ -453,12 +465,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    # argmax(p / E) with E ~ Exp(1) draws from p without a host sync (unlike torch.multinomial).
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    # argmax(p / E) with E ~ Exp(1) draws from p without a host sync (unlike torch.multinomial);
+    # E = -log U, since on the CPU torch.rand is several times faster than Tensor.exponential_.
+    noise = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
     return (probs / noise).argmax(-1)
 
 
-@torch.no_grad()
 def generate(model: Qwen2, prompts: list[list[int]], max_new_tokens: int, stop_ids, pad_id: int,
              num_samples: int = 1, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None,
@@ -468,6 +480,16 @@ def generate(model: Qwen2, prompts: list[list[int]], max_new_tokens: int, stop_i
     Returns (tokens [B*n, T_new], mask [B*n, T_new]): row i*n+j is sample j of prompt i; the mask is 1
     up to and including the first stop token, 0 after it (those positions hold pad_id).
     """
+    # inference_mode skips autograd's bookkeeping on every op; its tensors cannot enter a backward
+    # later (GRPO trains on these tokens), so the results are cloned outside it.
+    with torch.inference_mode():
+        out, mask = _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, temperature, top_k,
+                              top_p, generator, stop_check_every)
+    return out.clone(), mask.clone()
+
+
+def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, temperature, top_k, top_p, generator,
+              stop_check_every):
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     ids, mask = left_pad(prompts, pad_id, device)
@@ -481,7 +503,7 @@ def generate(model: Qwen2, prompts: list[list[int]], max_new_tokens: int, stop_i
         cache.repeat_rows(num_samples)
         logits = logits.repeat_interleave(num_samples, dim=0)
     N = B * num_samples
-    stops = torch.tensor(list(stop_ids), device=device)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
     # Checking "all rows finished" syncs with the host; on a GPU do it only every few tokens.
