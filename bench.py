@@ -247,9 +247,8 @@ def cpu_peak_child(folder, dtype, which, seqs, prompt_len, new_tokens, micro_bat
 
 def bench_grpo_vs_trl(args) -> dict:
     """Our whole GRPO step vs TRL's GRPOTrainer (PEFT LoRA r=8), tiny shape, 4 x 4 completions of 32 tokens."""
-    try:
-        import trl  # noqa: F401
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("trl") is None:
         return {"skipped": "trl not installed (pip install trl)"}
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
@@ -297,7 +296,7 @@ def grpo_child(which: str, steps: int):
             return
         from datasets import Dataset
         from peft import LoraConfig
-        from transformers import PreTrainedTokenizerFast, TrainerCallback
+        from transformers import TrainerCallback
         from trl import GRPOConfig, GRPOTrainer
         tok = _hf_tokenizer(d)
         ds = Dataset.from_list([{"prompt": " ".join(map(str, p))} for p in prompts] * (steps + 2))

@@ -32,24 +32,31 @@ import re
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCALE_POLICIES = ("fixed", "constant", "rslora")
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus scale · B(A(dropout(x))); names as PEFT's (base_layer, lora_A, lora_B)."""
+    """A frozen nn.Linear plus scale · B(A(dropout(x))); names as PEFT's (base_layer, lora_A, lora_B).
 
-    def __init__(self, base_layer: nn.Linear, r: int, scale: float, dropout: float = 0.0):
+    A and B may be allocated with more rows/columns (`capacity`) than the active rank r: only the
+    first r are used, so dynamic allocation can move rank without changing tensor shapes (and so
+    without rebuilding the optimiser). With capacity = r, the usual case, nothing is unused.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, scale: float, dropout: float = 0.0, capacity: int | None = None):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
         self.base_layer = base_layer
         self.r, self.scale = r, scale
+        cap = max(r, capacity or r)
         device = base_layer.weight.device
         # Adapter weights stay fp32 even on a bf16 base: they are what is trained.
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_A = nn.Linear(base_layer.in_features, cap, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(cap, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
         self.disabled = False
@@ -61,18 +68,30 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     @property
+    def capacity(self) -> int:
+        return self.lora_A.weight.shape[0]
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.lora_A.weight[:self.r]  # (r, in): the active rows
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.lora_B.weight[:, :self.r]  # (out, r)
+
+    @property
     def merged(self) -> bool:
         return self._unmerged_weight is not None
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scale * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
+        return self.scale * (self.B @ self.A)  # (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.disabled or self.merged:
             return y
-        a = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))
-        return y + (self.lora_B(a) * self.scale).to(y.dtype)
+        a = F.linear(self.dropout(x.to(self.lora_A.weight.dtype)), self.A)
+        return y + (F.linear(a, self.B) * self.scale).to(y.dtype)
 
     @torch.no_grad()
     def merge(self):
@@ -88,6 +107,32 @@ class LoRALinear(nn.Module):
         if self.merged:
             self.base_layer.weight.data = self._unmerged_weight
             self._unmerged_weight = None
+
+    @torch.no_grad()
+    def set_rank(self, r: int, scale: float, generator: torch.Generator | None = None):
+        """Move to rank r (<= capacity) with scale `scale`, keeping what the adapter has learned.
+
+        The product s·B·A is re-factored by its SVD: growing (or keeping the rank) reproduces it
+        exactly, the new directions starting with B = 0 and a fresh Kaiming-uniform A; shrinking
+        keeps its r largest singular directions. Unused rows/columns are zeroed. The SVD is taken
+        through QR factors of B and Aᵀ, so it costs O((in + out)·r²), not a full out x in SVD.
+        """
+        if not 1 <= r <= self.capacity:
+            raise ValueError(f"rank {r} outside [1, capacity {self.capacity}]")
+        QB, RB = torch.linalg.qr(self.B)  # (out, r0), (r0, r0)
+        QA, RA = torch.linalg.qr(self.A.T)  # (in, r0), (r0, r0)
+        U, S, Vh = torch.linalg.svd((self.scale / scale) * RB @ RA.T)  # s·B·A / s' = QB·U·S·Vh·QAᵀ
+        k = min(r, self.r)  # the product has rank <= the old r
+        root = S[:k].sqrt()
+        A, B = self.lora_A.weight, self.lora_B.weight
+        new_B = (QB @ U[:, :k]) * root  # (out, k)
+        new_A = root[:, None] * (Vh[:k] @ QA.T)  # (k, in)
+        B.zero_()
+        B[:, :k] = new_B
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        A[:k] = new_A
+        A[r:] = 0
+        self.r, self.scale = r, scale
 
 
 # --------------------------------------------------------------------------------------- patterns
@@ -139,10 +184,12 @@ def lora_scale(policy: str, alpha: float, r: int, r0: int) -> float:
 
 
 def apply_lora(model: nn.Module, r: int = 32, alpha: float = 64.0, targets=TARGETS, rank_pattern=None,
-               alpha_pattern=None, dropout: float = 0.0, scale_policy: str = "fixed") -> dict[str, int]:
+               alpha_pattern=None, dropout: float = 0.0, scale_policy: str = "fixed",
+               capacity: int | None = None) -> dict[str, int]:
     """Wrap every targeted Linear in LoRALinear with its rank; freeze everything else.
 
     Returns the final {module path: rank} map, rank 0 included (those modules stay plain Linear).
+    `capacity` allocates every adapter with room for that rank (dynamic allocation).
     """
     if scale_policy not in SCALE_POLICIES:
         raise ValueError(f"scale_policy {scale_policy!r} unknown; allowed: {SCALE_POLICIES}")
@@ -163,7 +210,7 @@ def apply_lora(model: nn.Module, r: int = 32, alpha: float = 64.0, targets=TARGE
             continue
         parent, name = p.rsplit(".", 1)
         base = model.get_submodule(p)
-        wrapped = LoRALinear(base, ranks[p], lora_scale(scale_policy, alphas[p], ranks[p], r), dropout)
+        wrapped = LoRALinear(base, ranks[p], lora_scale(scale_policy, alphas[p], ranks[p], r), dropout, capacity)
         setattr(model.get_submodule(parent), name, wrapped)
     model.lora_config = dict(r=r, alpha=alpha, targets=list(targets), dropout=dropout, scale_policy=scale_policy,
                              ranks=ranks, alphas=alphas)
@@ -284,8 +331,8 @@ def save_adapter(model: nn.Module, folder: str, base_model_name_or_path: str = "
     os.makedirs(folder, exist_ok=True)
     tensors = {}
     for p, m in lora_modules(model).items():
-        tensors[f"{PEFT_PREFIX}{p}.lora_A.weight"] = m.lora_A.weight.detach().float().cpu().contiguous()
-        tensors[f"{PEFT_PREFIX}{p}.lora_B.weight"] = m.lora_B.weight.detach().float().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{p}.lora_A.weight"] = m.A.detach().float().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{p}.lora_B.weight"] = m.B.detach().float().cpu().contiguous()
     cfg = peft_config(model, base_model_name_or_path)
     _atomic_write(os.path.join(folder, "adapter_model.safetensors"), lambda t: save_file(tensors, t))
     _atomic_write(os.path.join(folder, "adapter_config.json"),
@@ -321,7 +368,7 @@ def load_adapter(model: nn.Module, folder: str) -> dict[str, int]:
     tensors = load_file(os.path.join(folder, "adapter_model.safetensors"))
     mods = lora_modules(model)
     expected = {f"{PEFT_PREFIX}{p}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight
-                for p, m in mods.items() for ab in "AB"}
+                for p, m in mods.items() for ab in "AB"}  # capacity = rank here: full tensors
     extra = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
     if extra or missing:

@@ -18,7 +18,6 @@ tricks other than optional gradient checkpointing, any kernel dispatch. Numerica
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, fields
 

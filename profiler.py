@@ -229,18 +229,26 @@ def plot(run_dirs: list[str], path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
-    for d in run_dirs:
-        p, label = load_profile(d), run_label(d)
+    profiles = [(load_profile(d), run_label(d)) for d in run_dirs]
+    moving = [(p, label) for p, label in profiles if (p.ranks != p.ranks[:1]).any()]  # dynamic runs
+    fig, axes = plt.subplots(3 + len(moving), 1, figsize=(10, 9 + 3 * len(moving)))
+    for p, label in profiles:
         x = np.arange(p.grad_norms.shape[1])
         axes[0].plot(x, layer_shares(p), marker="o", label=label)
         axes[1].plot(x, layer_shares(p, True), marker="o", label=label)
         axes[2].step(x, p.layer_ranks, where="mid", label=label)
-    for ax, title in zip(axes, ["gradient share % (raw)", "gradient share % (÷ s·√r)", "rank"]):
+    for ax, title in zip(axes, ["gradient share % (raw)", "gradient share % (÷ s·√r)", "final rank"]):
         ax.set_ylabel(title)
+        ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    axes[2].set_xlabel("layer")
+    for ax, (p, label) in zip(axes[3:], moving):  # rank history: layers x steps
+        layer_rank = np.where(p.ranks > 0, p.ranks, np.nan).astype(float)
+        im = ax.imshow(np.nanmean(layer_rank, axis=2).T, aspect="auto", origin="lower", interpolation="nearest")
+        ax.set_title(f"{label}: rank of each layer over training")
+        ax.set_xlabel("step")
+        ax.set_ylabel("layer")
+        fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True

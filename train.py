@@ -5,7 +5,10 @@
     python train.py --strategy reduced | random | base
     python train.py --preset tiny --strategy uniform      # offline, CPU, about a minute
     python train.py --resume runs/uniform-20261129-120000
-    python train.py --table runs/*                        # the study's results table + gradient statistics
+    python train.py --strategy dynamic                    # ranks moved during training (dynamic.py)
+    python train.py --algo sft                            # the same LoRA trained by SFT, for the regime comparison
+    python train.py --strategy uniform --seeds 0,1,2      # one run per seed
+    python report.py runs/*                               # the study's results table + gradient statistics
 
 This is the only file that wires the others together: model.py loads Qwen2, lora.py adapts it with
 the ranks allocate.py computes, grpo.py trains it on gsm8k.py's prompts and rewards, profiler.py
@@ -23,7 +26,6 @@ import glob
 import json
 import os
 import random
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,14 +34,17 @@ import numpy as np
 import torch
 
 import allocate
+import dynamic
 import grpo
 import gsm8k
 import lora
 import model as qwen
 import sft
-from profiler import GradientProfiler, atomic_json, report as profile_report
+import tiny
+from profiler import GradientProfiler, atomic_json
 
-STRATEGIES = ("base", "uniform", "proportional", "random", "reduced")
+STRATEGIES = ("base", "uniform", "proportional", "random", "reduced", "dynamic")
+ALGOS = ("grpo", "sft")
 
 
 def opt(default, help):
@@ -50,11 +55,13 @@ def opt(default, help):
 class TrainConfig:
     # --- what to run
     strategy: str = opt("uniform", f"rank allocation: {'|'.join(STRATEGIES)}")
+    algo: str = opt("grpo", "grpo (the study) | sft (the same LoRA on the reference solutions, for comparison)")
     model: str = opt("Qwen/Qwen2.5-1.5B-Instruct", "Hub repo id or local folder of a Qwen2 checkpoint")
     data: str | None = opt(None, "folder with GSM8K {train,test}.jsonl (default: download the original release)")
     preset: str | None = opt(None, "'tiny': random tiny model, synthetic problems, a few steps, offline on a CPU")
     out: str | None = opt(None, "run folder (default runs/<strategy>-<timestamp>)")
     seed: int = opt(0, "seed of everything: data order, sampling, LoRA init, random allocation")
+    seeds: str | None = opt(None, "comma-separated seeds: one run per seed, in <out>/seed<N>")
     # --- LoRA and the rank budget
     rank: int = opt(32, "uniform rank r0; the budget is layers x r0 unless --budget is given")
     budget: int | None = opt(None, "total of per-layer ranks (default layers x rank = 896 on Qwen2.5-1.5B)")
@@ -67,6 +74,12 @@ class TrainConfig:
     profile: str | None = opt(None, "uniform run folder whose profile drives proportional/reduced (default: latest)")
     normalised_profile: bool = opt(False, "allocate from rank-normalised instead of raw gradient shares")
     rank_pattern: str | None = opt(None, "JSON file {module path: rank} (e.g. from allocate.py), replaces the strategy")
+    # --- dynamic allocation (see dynamic.py)
+    dynamic_every: int = opt(50, "dynamic: steps between rank moves")
+    dynamic_t_init: int = opt(100, "dynamic: no move before this step")
+    dynamic_t_final: int = opt(800, "dynamic: no move after this step")
+    dynamic_window: int = opt(50, "dynamic: profiled steps that estimate importance")
+    dynamic_normalised: bool = opt(True, "dynamic: rank-normalised importance (--no-dynamic-normalised: raw)")
     # --- GRPO (unstated in the study: common GRPO-on-GSM8K values, each a flag)
     steps: int = opt(1000, "optimisation steps (the study: 1000)")
     prompts_per_step: int = opt(4, "prompts per step (the study: 4)")
@@ -105,10 +118,10 @@ class TrainConfig:
 PRESETS = {
     "tiny": dict(steps=12, prompts_per_step=4, num_generations=4, max_new_tokens=32, rank=8, alpha=16.0, lr=2e-3,
                  warmup_steps=1, eval_n=32, eval_every=6, eval_every_n=8, eval_max_new_tokens=32, eval_batch=32,
-                 checkpoint_every=4, device="cpu"),
+                 checkpoint_every=4, device="cpu", dynamic_every=3, dynamic_t_init=3, dynamic_t_final=9,
+                 dynamic_window=3),
 }
-TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0)
+
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -123,7 +136,6 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
             kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
             ap.add_argument(flag, type=kind, default=None, help=f.metadata["help"])
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
-    ap.add_argument("--table", nargs="+", metavar="RUN_DIR", help="print the study's results table and exit")
     args = ap.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name) is not None}
@@ -137,6 +149,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
 
 def check(cfg: TrainConfig):
     """One-line errors for settings that cannot work."""
+    if cfg.algo not in ALGOS:
+        raise SystemExit(f"error: --algo {cfg.algo!r} unknown; allowed: {', '.join(ALGOS)}")
+    if cfg.algo == "sft" and cfg.strategy == "base":
+        raise SystemExit("error: --algo sft needs adapters to train; --strategy base only evaluates")
     if cfg.strategy not in STRATEGIES:
         raise SystemExit(f"error: --strategy {cfg.strategy!r} unknown; allowed: {', '.join(STRATEGIES)}")
     if cfg.scale_policy not in lora.SCALE_POLICIES:
@@ -157,34 +173,9 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def build_tiny_model(folder: str, seed: int = 0, warmup_steps: int = 40) -> str:
-    """A tiny Qwen2 in the HF layout: BPE tokenizer trained on synthetic problems, random weights, then
-    `warmup_steps` of full SFT on those problems, so that it sometimes answers in format and GRPO's
-    rewards vary (a random model never would, and every advantage would be zero)."""
-    if os.path.isfile(os.path.join(folder, "model.safetensors")):
-        return folder
-    problems = gsm8k.synthetic_problems(200, seed=1234)
-    chat = qwen.Tokenizer.chat
-    texts = [gsm8k.prompt_text(p.question, chat) + gsm8k.reference_completion(p) for p in problems]
-    tok = qwen.Tokenizer(qwen.train_tiny_tokenizer(texts, vocab_size=400))
-    m = qwen.Qwen2(qwen.ModelConfig(vocab_size=tok.tok.get_vocab_size(), **TINY_SHAPE))
-    m.init_weights(std=0.1, generator=torch.Generator().manual_seed(seed))
-    params = list(m.parameters())
-    opt = torch.optim.AdamW(params, lr=3e-3)
-    rng = random.Random(seed)
-    for _ in range(warmup_steps):
-        sft.sft_step(m, tok, opt, rng.sample(problems, 16), micro_batch=16, params=params)
-    m.eval()
-    tmp = folder + ".tmp"
-    qwen.save_pretrained(m, tmp)
-    tok.tok.save(os.path.join(tmp, "tokenizer.json"))
-    os.replace(tmp, folder)
-    return folder
-
-
 def load_data(cfg: TrainConfig):
     if cfg.preset == "tiny":
-        return gsm8k.synthetic_problems(200, seed=1234), gsm8k.synthetic_problems(64, seed=4321)
+        return tiny.datasets()
     return gsm8k.load_gsm8k("train", cfg.data), gsm8k.load_gsm8k("test", cfg.data)
 
 
@@ -196,6 +187,7 @@ def latest_uniform_run(cfg: TrainConfig) -> str:
             other = json.load(f)
         d = os.path.dirname(c)
         if (other.get("strategy") == "uniform" and other.get("preset") == cfg.preset
+                and other.get("algo", "grpo") == cfg.algo
                 and other.get("model_name", other.get("model")) == cfg.model
                 and os.path.isfile(os.path.join(d, "profile_summary.json"))
                 and os.path.isfile(os.path.join(d, "results.json"))):
@@ -236,8 +228,9 @@ def resolve_ranks(cfg: TrainConfig, num_layers: int) -> tuple[dict | None, dict]
         except FileNotFoundError as e:
             raise SystemExit(f"error: --profile: {e}")
         info["profile"] = src
+    strategy = "uniform" if cfg.strategy == "dynamic" else cfg.strategy  # dynamic starts uniform
     try:
-        ranks = allocate.allocate(cfg.strategy, num_layers, budget, shares, cfg.r_min, cfg.r_max, cfg.seed,
+        ranks = allocate.allocate(strategy, num_layers, budget, shares, cfg.r_min, cfg.r_max, cfg.seed,
                                   cfg.fraction)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
@@ -258,7 +251,7 @@ class Run:
             warnings.warn("no GPU: running on the CPU. Real results need the real model on a GPU; "
                           "try --preset tiny to watch the pipeline.")
         seed_everything(cfg.seed)
-        model_path = build_tiny_model(os.path.join(run_dir, "tiny-model")) if cfg.preset == "tiny" else cfg.model
+        model_path = tiny.build_tiny_model(os.path.join(run_dir, "tiny-model")) if cfg.preset == "tiny" else cfg.model
         try:
             self.model = qwen.from_pretrained(model_path, device=self.device)
             self.tok = qwen.load_tokenizer(model_path)
@@ -270,9 +263,16 @@ class Run:
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         if cfg.strategy != "base":
             pattern, self.rank_info = resolve_ranks(cfg, self.model.config.num_hidden_layers)
+            capacity = None
+            if cfg.strategy == "dynamic":  # room to grow to r_max without changing shapes
+                budget = self.rank_info["budget"]
+                L = self.model.config.num_hidden_layers
+                self.bounds = (cfg.r_min or round(allocate.BOUNDS["proportional"][0] * budget / L),
+                               cfg.r_max or round(allocate.BOUNDS["proportional"][1] * budget / L))
+                capacity = self.bounds[1]
             try:
                 self.ranks = lora.apply_lora(self.model, r=cfg.rank, alpha=cfg.alpha, rank_pattern=pattern,
-                                             dropout=cfg.dropout, scale_policy=cfg.scale_policy)
+                                             dropout=cfg.dropout, scale_policy=cfg.scale_policy, capacity=capacity)
             except ValueError as e:
                 raise SystemExit(f"error: {e}")
             self.model.gradient_checkpointing = cfg.grad_checkpointing
@@ -284,13 +284,18 @@ class Run:
             top_p=cfg.top_p, beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_type=cfg.loss_type,
             scale_rewards=cfg.scale_rewards, num_iterations=cfg.num_iterations, mask_truncated=cfg.mask_truncated,
             micro_batch=cfg.micro_batch, max_grad_norm=cfg.max_grad_norm)
+        self.dynamic_cfg = dynamic.DynamicConfig(cfg.dynamic_every, cfg.dynamic_t_init, cfg.dynamic_t_final,
+                                                 cfg.dynamic_window, cfg.dynamic_normalised)
         self.rewards = {"correct": lambda text, ex: gsm8k.correct_reward(text, ex.gold),
                         "format": lambda text, ex: gsm8k.format_reward(text, cfg.format_strict)}
         self.weights = {"correct": cfg.reward_correct, "format": cfg.reward_format}
 
     # -- data order: a fresh seeded permutation each epoch, so position = step alone
     def batch(self, step: int) -> list:
+        """This step's problems: B prompts for GRPO, B x K reference solutions for SFT (same sequences)."""
         n, B = len(self.train_set), self.cfg.prompts_per_step
+        if self.cfg.algo == "sft":
+            B *= self.cfg.num_generations
         out = []
         for j in range(step * B, step * B + B):
             epoch, i = divmod(j, n)
@@ -304,6 +309,7 @@ class Run:
     # -- checkpoints: one file, written atomically
     def save_checkpoint(self):
         state = {"step": self.step, "lora": {k: v for k, v in self.model.state_dict().items() if "lora_" in k},
+                 "active": {p: (m.r, m.scale) for p, m in lora.lora_modules(self.model).items()},
                  "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                  "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
@@ -315,6 +321,9 @@ class Run:
 
     def load_checkpoint(self):
         state = torch.load(os.path.join(self.dir, "checkpoint.pt"), map_location=self.device, weights_only=False)
+        for p, m in lora.lora_modules(self.model).items():  # dynamic runs: the ranks in force then
+            m.r, m.scale = state["active"][p]
+        self.profiler.refresh()
         missing = self.model.load_state_dict(state["lora"], strict=False)
         if missing.unexpected_keys:
             raise SystemExit(f"error: checkpoint does not fit the model: {missing.unexpected_keys[:3]}")
@@ -361,9 +370,12 @@ def fmt_time(s: float) -> str:
 
 
 def progress_line(step: int, total: int, m: dict, sec: float, eta: float) -> str:
-    return (f"step {step:>4}/{total} | reward {m['reward']:.3f} | acc {m['reward/correct']:.2f} | "
-            f"fmt {m['reward/format']:.2f} | kl {m['kl']:.4f} | len {m['completion_len']:.0f} | "
-            f"{sec:.2f}s/step | ETA {fmt_time(eta)}")
+    if "reward" not in m:  # SFT
+        body = f"loss {m['loss']:.4f} | grad {m['grad_norm']:.3f} | tokens {m['tokens']}"
+    else:
+        body = (f"reward {m['reward']:.3f} | acc {m['reward/correct']:.2f} | fmt {m['reward/format']:.2f} | "
+                f"kl {m['kl']:.4f} | len {m['completion_len']:.0f}")
+    return f"step {step:>4}/{total} | {body} | {sec:.2f}s/step | ETA {fmt_time(eta)}"
 
 
 def train(run: Run, stop_after: int | None):
@@ -379,9 +391,18 @@ def train(run: Run, stop_after: int | None):
                 return False
             t0 = time.perf_counter()
             examples = run.batch(run.step)
-            m = grpo.grpo_step(run.model, run.tok, run.opt, examples, run.prompts(examples), run.rewards,
-                               run.weights, run.grpo_cfg, run.gen, scheduler=run.sched, profiler=run.profiler)
+            if cfg.algo == "sft":
+                m = sft.sft_step(run.model, run.tok, run.opt, examples, cfg.micro_batch, cfg.max_grad_norm,
+                                 run.sched, run.profiler)
+            else:
+                m = grpo.grpo_step(run.model, run.tok, run.opt, examples, run.prompts(examples), run.rewards,
+                                   run.weights, run.grpo_cfg, run.gen, scheduler=run.sched, profiler=run.profiler)
             run.step += 1
+            if cfg.strategy == "dynamic" and dynamic.should_move(run.step, run.dynamic_cfg):
+                budget = run.rank_info["budget"]
+                m["moved_ranks"] = dynamic.reallocate(run.model, run.profiler, run.opt, budget, *run.bounds,
+                                                      run.dynamic_cfg)
+                log(f"ranks moved at step {run.step}: {m['moved_ranks']}")
             m["step"], m["time_step"] = run.step, time.perf_counter() - t0
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
@@ -415,79 +436,70 @@ def finish(run: Run, t_total: float):
             tokens = sum(json.loads(line)["tokens"] for line in f)
     log(f"final evaluation on {cfg.eval_n or len(run.test_set)} test problems ...")
     res = run.evaluate(gsm8k.subset(run.test_set, cfg.eval_n, cfg.seed), "final")
-    active = [r for r in run.ranks.values() if r > 0]
+    active = [m.r for m in lora.lora_modules(run.model).values()]  # final ranks (they move when dynamic)
     results = {"strategy": cfg.strategy if not cfg.rank_pattern else f"pattern:{os.path.basename(cfg.rank_pattern)}",
-               "algo": "grpo", "seed": cfg.seed, "rank_min": min(active, default=0),
+               "algo": cfg.algo, "seed": cfg.seed, "rank_min": min(active, default=0),
                "rank_max": max(active, default=0),
                "lora_params": lora.count_lora_params(run.model)["total"] if run.ranks else 0,
                "accuracy": res["accuracy"], "ci95": res["ci95"], "n": res["n"], "correct": res["correct"],
                "format_rate": res["format_rate"], "lenient_accuracy": res["lenient_accuracy"],
                "steps": run.step, "time_s": t_total, "train_tokens": tokens}
+    if cfg.strategy == "dynamic":
+        results["final_layer_ranks"] = dynamic.layer_ranks(run.model)
     atomic_json(os.path.join(run.dir, "results.json"), results)
     log(f"accuracy {res['accuracy']:.3f} (95% CI {res['ci95'][0]:.3f}-{res['ci95'][1]:.3f}), "
         f"format {res['format_rate']:.2f}; results in {run.dir}")
 
 
-def results_table(run_dirs: list[str]) -> str:
-    """The study's table from results.json files, then the gradient statistics of runs that have a profile."""
-    rows = []
-    for d in run_dirs:
-        path = os.path.join(d, "results.json")
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: {path}: no results (is the run finished?)")
-        with open(path) as f:
-            rows.append(json.load(f))
-    lines = [f"{'Strategy':<16} {'Range':<9} {'Params':>8} {'GSM8K Acc (95% CI)':>24} {'Format':>7} {'n':>5}"]
-    for r in sorted(rows, key=lambda r: r["accuracy"]):
-        rng = f"r={r['rank_min']}-{r['rank_max']}" if r["lora_params"] else "-"
-        p = r["lora_params"]
-        params = f"{p / 1e6:.1f}M" if p >= 1e6 else f"{p / 1e3:.1f}K" if p else "0"
-        ci = f"{100 * r['accuracy']:.1f}% ({100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f})"
-        lines.append(f"{r['strategy']:<16} {rng:<9} {params:>8} {ci:>24} {100 * r['format_rate']:>6.1f}% {r['n']:>5}")
-    profiled = [d for d in run_dirs if os.path.isfile(os.path.join(d, "profile.safetensors"))]
-    if profiled:
-        lines += ["", "Gradient statistics (shares in %, raw and rank-normalised):", profile_report(profiled)]
-    return "\n".join(lines)
+def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None):
+    """One run from its config: set up (or resume), train, evaluate."""
+    if not resume:
+        if os.path.isfile(os.path.join(run_dir, "config.json")):
+            raise SystemExit(f"error: {run_dir} already holds a run; use --resume {run_dir} or another --out")
+        if cfg.rank_pattern:  # cheap checks before loading a model
+            read_rank_pattern(cfg.rank_pattern)
+        elif cfg.strategy in ("proportional", "reduced") and cfg.profile is None:
+            cfg.profile = latest_uniform_run(cfg)
+    t0 = time.perf_counter()
+    run = Run(cfg, run_dir)
+    if not resume:
+        atomic_json(os.path.join(run_dir, "config.json"),
+                    {**dataclasses.asdict(cfg), "torch": torch.__version__, "device": str(run.device)})
+        atomic_json(os.path.join(run_dir, "ranks.json"), {"ranks": run.ranks, **run.rank_info})
+    log(f"run {run_dir}: {cfg.algo}, strategy {cfg.strategy}, seed {cfg.seed}, {run.model.config.num_hidden_layers} "
+        f"layers, {lora.count_lora_params(run.model)['total'] if run.ranks else 0:,} LoRA parameters, {run.device}")
+    if run.ranks:
+        if resume and os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+            run.load_checkpoint()
+            log(f"resumed at step {run.step}")
+        if not train(run, stop_after):
+            return
+    finish(run, time.perf_counter() - t0)
 
 
 def main(argv=None):
     cfg, args = parse_args(argv)
-    if args.table:
-        print(results_table(args.table))
-        return
     if args.resume:
         path = os.path.join(args.resume, "config.json")
         if not os.path.isfile(path):
             raise SystemExit(f"error: --resume {args.resume}: no config.json (not a run folder)")
         with open(path) as f:
             saved = json.load(f)
-        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
-        run_dir = args.resume
-    else:
-        run_dir = cfg.out or os.path.join("runs", f"{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if os.path.isfile(os.path.join(run_dir, "config.json")):
-            raise SystemExit(f"error: {run_dir} already holds a run; use --resume {run_dir} or another --out")
-    stop_after = args.stop_after if args.resume else cfg.stop_after
-    if not args.resume:  # cheap checks before loading a model
-        if cfg.rank_pattern:
-            read_rank_pattern(cfg.rank_pattern)
-        elif cfg.strategy in ("proportional", "reduced") and cfg.profile is None:
-            cfg.profile = latest_uniform_run(cfg)
-    t0 = time.perf_counter()
-    run = Run(cfg, run_dir)
-    if not args.resume:
-        atomic_json(os.path.join(run_dir, "config.json"),
-                    {**dataclasses.asdict(cfg), "torch": torch.__version__, "device": str(run.device)})
-        atomic_json(os.path.join(run_dir, "ranks.json"), {"ranks": run.ranks, **run.rank_info})
-    log(f"run {run_dir}: strategy {cfg.strategy}, {run.model.config.num_hidden_layers} layers, "
-        f"{lora.count_lora_params(run.model)['total'] if run.ranks else 0:,} LoRA parameters, device {run.device}")
-    if run.ranks:
-        if args.resume and os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-            run.load_checkpoint()
-            log(f"resumed at step {run.step}")
-        if not train(run, stop_after):
-            return
-    finish(run, time.perf_counter() - t0)
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        run_one(TrainConfig(**{k: v for k, v in saved.items() if k in names}), args.resume, True, args.stop_after)
+        return
+    out = cfg.out or os.path.join("runs", f"{cfg.algo + '-' if cfg.algo != 'grpo' else ''}{cfg.strategy}-"
+                                          f"{time.strftime('%Y%m%d-%H%M%S')}")
+    if not cfg.seeds:
+        run_one(cfg, out, False, cfg.stop_after)
+        return
+    try:
+        seeds = [int(x) for x in cfg.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --seeds {cfg.seeds!r}: expected comma-separated integers such as 0,1,2")
+    for seed in seeds:  # one after another; report.py summarises them
+        run_one(dataclasses.replace(cfg, seed=seed, seeds=None), os.path.join(out, f"seed{seed}"), False,
+                cfg.stop_after)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random Qwen2 checkpoints in the Hugging Face layout, built locally."""
 
-import json
 import os
 import sys
 

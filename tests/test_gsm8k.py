@@ -6,7 +6,6 @@ import random
 from fractions import Fraction
 
 import pytest
-import torch
 
 import gsm8k as G
 import model as M

@@ -1,6 +1,5 @@
 """lora.py against PEFT (test-only oracle), plus the study's rank_pattern trap and exact counts."""
 
-import math
 import re
 
 import pytest
@@ -201,3 +200,27 @@ def test_load_refuses_adapter_that_does_not_fit(tmp_path):
     other.model.layers[2].mlp.up_proj = torch.nn.Linear(96, 161, bias=False)  # a different shape
     with pytest.raises(ValueError, match=r"layers\.2\.mlp\.up_proj\.lora_B\.weight.*shape"):
         L.load_adapter(other, str(tmp_path / "ad"))
+
+
+def test_set_rank_grows_exactly_and_shrinks_to_the_best_approximation():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 20)
+    m = L.LoRALinear(base, 4, L.lora_scale("fixed", 8.0, 4, 4), capacity=10)
+    with torch.no_grad():
+        m.lora_B.weight.normal_()
+    x = torch.randn(5, 24)
+    before, delta = m(x), m.delta_weight()
+    assert (m.lora_A.weight.grad is None) and m.capacity == 10
+    m.set_rank(7, L.lora_scale("fixed", 8.0, 7, 4))  # grow, with the scale alpha/r changing too
+    assert m.r == 7 and torch.allclose(m(x), before, atol=1e-5)
+    m.set_rank(7, m.scale)  # a pure re-parametrisation
+    assert torch.allclose(m(x), before, atol=1e-5)
+    S = torch.linalg.svdvals(delta)
+    m.set_rank(2, L.lora_scale("fixed", 8.0, 2, 4))  # shrink: the best rank-2 approximation (Eckart-Young)
+    err = (m.delta_weight() - delta).norm()
+    assert abs(err - S[2:].norm()) < 1e-4
+    assert m.lora_A.weight[2:].abs().sum() == 0 and m.lora_B.weight[:, 2:].abs().sum() == 0
+    m(x).sum().backward()  # rows beyond the active rank get exactly zero gradient
+    assert m.lora_A.weight.grad[2:].abs().sum() == 0 and m.lora_B.weight.grad[:, 2:].abs().sum() == 0
+    with pytest.raises(ValueError, match="capacity"):
+        m.set_rank(11, 1.0)

@@ -136,3 +136,18 @@ def test_report_cli(tmp_path, capsys):
     assert out.count("raw") == 2 and out.count("norm") == 2 and "rank~shift" in out
     with pytest.raises(SystemExit, match="no gradient profile"):
         P.main([str(tmp_path / "missing")])
+
+
+def test_plot_writes_a_png_with_a_rank_history_for_dynamic_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from safetensors.numpy import save_file
+    static = synthetic_profile(np.linspace(1, 2, 6), ranks=[8] * 6)
+    moving = synthetic_profile(np.linspace(1, 2, 6), ranks=[8] * 6)
+    moving.ranks[15:] = np.array([6, 7, 8, 8, 9, 10])[:, None]
+    for name, prof in (("s", static), ("d", moving)):
+        (tmp_path / name).mkdir()
+        save_file({"grad_norms": prof.grad_norms, "ranks": prof.ranks, "scales": prof.scales},
+                  str(tmp_path / name / P.PROFILE_FILE), metadata={"modules": '["q_proj","k_proj","v_proj",'
+                  '"o_proj","gate_proj","up_proj","down_proj"]', "layers": "6"})
+    assert P.plot([str(tmp_path / "s"), str(tmp_path / "d")], str(tmp_path / "f.png"))
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -56,7 +55,10 @@ def test_every_strategy_produces_a_complete_run_folder(study):
 
 def test_table_matches_results(study):
     dirs = [str(study / "runs" / s) for s in ("uniform", "proportional", "reduced", "random", "base")]
-    out = run(["--table", *dirs], study).stdout
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), *dirs], cwd=study, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
     for d in dirs:
         r = load(os.path.join(d, "results.json"))
         line = next(line for line in out.splitlines() if line.startswith(r["strategy"] + " "))
@@ -65,8 +67,10 @@ def test_table_matches_results(study):
     assert "max/min" in out and "grpo:proportional" in out
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    common = ["--preset", "tiny", "--steps", "8", "--checkpoint-every", "2", "--eval-every", "0"]
+@pytest.mark.parametrize("strategy", ["uniform", "dynamic"])
+def test_resume_equals_uninterrupted(tmp_path, strategy):
+    common = ["--preset", "tiny", "--steps", "8", "--checkpoint-every", "2", "--eval-every", "0",
+              "--strategy", strategy]
     run([*common, "--out", "runs/whole"], tmp_path)
     run([*common, "--out", "runs/parts", "--stop-after", "3"], tmp_path)
     assert len(open(tmp_path / "runs/parts/metrics.jsonl").readlines()) == 3
@@ -84,11 +88,16 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert torch.equal(pa["grad_norms"], pb["grad_norms"]) and pa["grad_norms"].shape[0] == 8
     ra, rb = load(tmp_path / "runs/whole/results.json"), load(tmp_path / "runs/parts/results.json")
     assert ra["accuracy"] == rb["accuracy"]
+    if strategy == "dynamic":  # ranks moved at steps 3 and 6, identically in both runs
+        assert torch.equal(pa["ranks"], pb["ranks"]) and not torch.equal(pa["ranks"][0], pa["ranks"][-1])
+        assert ra["final_layer_ranks"] == rb["final_layer_ranks"] and sum(ra["final_layer_ranks"]) == 32
 
 
 def test_clear_errors(tmp_path):
     cases = [
         (["--preset", "tiny", "--strategy", "adaptive"], "unknown; allowed: base, uniform"),
+        (["--preset", "tiny", "--algo", "ppo"], "--algo 'ppo' unknown"),
+        (["--preset", "tiny", "--seeds", "0,x"], "expected comma-separated integers"),
         (["--preset", "tiny", "--strategy", "proportional"], "Run `python train.py --preset tiny --strategy uniform`"),
         (["--preset", "tiny", "--rank-pattern", "missing.json"], "missing.json"),
         (["--preset", "tiny", "--rank-pattern", "bad.json"], "bad.json:2: not valid JSON"),
@@ -116,3 +125,21 @@ def test_rank_pattern_file_is_used(tmp_path):
     assert cfg["r"] == 8 and len(cfg["rank_pattern"]) == 28
     res = load(tmp_path / "runs/p/results.json")
     assert (res["rank_min"], res["rank_max"]) == (4, 7) and res["strategy"] == "pattern:p.json"
+
+
+def test_sft_regime_and_seeds_land_in_the_same_report(tmp_path):
+    run(["--preset", "tiny", "--algo", "sft", "--steps", "4", "--out", "runs/sft"], tmp_path)
+    run(["--preset", "tiny", "--steps", "3", "--seeds", "0,1", "--out", "runs/grpo"], tmp_path)
+    res = load(tmp_path / "runs/sft/results.json")
+    assert res["algo"] == "sft" and res["steps"] == 4
+    assert all(json.loads(line)["tokens"] > 0 for line in open(tmp_path / "runs/sft/metrics.jsonl"))
+    assert [load(tmp_path / f"runs/grpo/seed{s}/results.json")["seed"] for s in (0, 1)] == [0, 1]
+    dirs = ["runs/sft", "runs/grpo/seed0", "runs/grpo/seed1"]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), *dirs], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "sft:uniform" in p.stdout and "Across seeds" in p.stdout
+    assert "sft:uniform" in p.stdout.split("Gradient statistics")[1] and "grpo:uniform" in p.stdout
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), "--compare", *dirs[1:]], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "McNemar exact p" in p.stdout, p.stderr

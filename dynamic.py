@@ -1,0 +1,73 @@
+"""Dynamic rank reallocation during training: the study's open question, tested.
+
+The study concludes that static profile-then-reallocate fails under GRPO because rank itself moves
+the gradient, and that adaptive rank "probably has to be dynamic, adjusting continuously during
+training, AdaLoRA-style" (Zhang et al., arXiv 2303.10512). `--strategy dynamic` does that:
+
+  schedule    no moves before `t_init` (the profile first has to say something) nor after `t_final`
+              (the last allocation gets time to be used); between them, one move every `every` steps.
+  importance  each layer's mean gradient norm over the last `window` profiled steps, by default
+              rank-normalised (each matrix's norm ÷ s·√r, see profiler.py): a raw norm partly measures
+              the rank already given, which would make the allocation chase its own tail.
+  allocation  allocate.proportional on that importance: same total budget, within [r_min, r_max].
+  the move    LoRALinear.set_rank: adapters live in buffers of capacity r_max, so shapes never change
+              and the optimiser keeps its parameters; s·B·A is re-factored by an SVD, so growing keeps
+              the output exactly and shrinking keeps the most significant directions. The AdamW moments
+              of a moved module are reset, since they belonged to the old factorisation.
+
+AdaLoRA's own P·Λ·Q parametrisation with an orthogonality penalty and sensitivity-based importance is
+not reproduced; this is the smallest dynamic scheme that keeps the study's budget and profiler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import allocate
+import lora
+from profiler import Profile, layer_norms
+
+
+@dataclass
+class DynamicConfig:
+    every: int = 50
+    t_init: int = 100
+    t_final: int = 800
+    window: int = 50
+    normalised: bool = True
+
+
+def should_move(step: int, cfg: DynamicConfig) -> bool:
+    """After `step` optimiser steps: is this a reallocation point?"""
+    return cfg.t_init <= step <= cfg.t_final and (step - cfg.t_init) % cfg.every == 0
+
+
+def reallocate(model, profiler, optimizer, budget: int, r_min: int, r_max: int, cfg: DynamicConfig) -> list[int]:
+    """Move rank between layers from the recent profile; returns the new per-layer ranks."""
+    recent = Profile(**profiler.arrays(), kinds=profiler.kinds)
+    importance = layer_norms(recent, cfg.normalised)[-cfg.window:].mean(0)
+    ranks = allocate.proportional(importance, budget, r_min, r_max)
+    apply_layer_ranks(model, ranks, optimizer)
+    profiler.refresh()
+    return ranks
+
+
+def apply_layer_ranks(model, layer_ranks: list[int], optimizer=None):
+    """Give every adapter of layer i rank layer_ranks[i] (scale per the model's policy)."""
+    cfg = model.lora_config
+    for path, m in lora.lora_modules(model).items():
+        r = layer_ranks[int(path.split(".")[2])]
+        if r == m.r:
+            continue
+        m.set_rank(r, lora.lora_scale(cfg["scale_policy"], cfg["alphas"][path], r, cfg["r"]))
+        if optimizer is not None:
+            for p in (m.lora_A.weight, m.lora_B.weight):
+                optimizer.state.pop(p, None)  # AdamW starts this parameter's moments afresh
+
+
+def layer_ranks(model) -> list[int]:
+    """The current rank of each layer (its modules share it)."""
+    out = {}
+    for path, m in lora.lora_modules(model).items():
+        out[int(path.split(".")[2])] = m.r
+    return [out[i] for i in sorted(out)]
