@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 import lora
+import parallel
 from model import completion_logprobs, generate, left_pad
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
@@ -126,9 +127,10 @@ def rollout(model, tokenizer, prompts: list[list[int]], examples: list, reward_f
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
+    n = len(prompts) * cfg.num_generations  # data parallel: rows n*rank.. of the global batch
     sample = dict(max_new_tokens=cfg.max_new_tokens, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
                   num_samples=cfg.num_generations, temperature=cfg.temperature, top_k=cfg.top_k,
-                  top_p=cfg.top_p, generator=generator)
+                  top_p=cfg.top_p, generator=generator, noise_rows=(parallel.rank() * n, parallel.world() * n))
     if cfg.merge_for_sampling:
         with lora.merged(model):
             out, cmask = generate(model, prompts, **sample)
@@ -169,9 +171,10 @@ def learn(model, batch: Rollout, cfg: GRPOConfig, optimizer, scheduler=None, pro
     sees the accumulated gradient of the whole batch.
     """
     t0 = time.perf_counter()
-    N, Tc = batch.mask.shape
-    n_tokens = int(batch.mask.sum())
-    chunks = [slice(i, min(i + cfg.micro_batch, N)) for i in range(0, N, cfg.micro_batch)]
+    n_local, Tc = batch.mask.shape
+    # normalisers over the whole batch, across data-parallel ranks too
+    N, n_tokens = parallel.sum_int(n_local), parallel.sum_int(int(batch.mask.sum()))
+    chunks = [slice(i, min(i + cfg.micro_batch, n_local)) for i in range(0, n_local, cfg.micro_batch)]
     params = lora.lora_parameters(model)
 
     def logps(s, grad=False, entropy=False):
@@ -189,8 +192,7 @@ def learn(model, batch: Rollout, cfg: GRPOConfig, optimizer, scheduler=None, pro
     stats = {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "loss": 0.0, "grad_norm": 0.0}
     for it in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, device=batch.ids.device)  # kl, clipped, entropy summed over valid tokens
-        loss_total = 0.0
+        sums = torch.zeros(4, device=batch.ids.device)  # kl, clipped, entropy over valid tokens; loss
         for s in chunks:
             logp, ent = logps(s, grad=True, entropy=it == 0)
             old_s = logp.detach() if old is None else old[s]
@@ -200,19 +202,20 @@ def learn(model, batch: Rollout, cfg: GRPOConfig, optimizer, scheduler=None, pro
                                                  cfg.eps_low, cfg.eps_high)
             loss = aggregate(tok_loss, m, cfg.loss_type, N, n_tokens, cfg.max_new_tokens)
             loss.backward()
-            loss_total += loss.item()
             with torch.no_grad():
                 clipped = ((ratio < 1 - cfg.eps_low) | (ratio > 1 + cfg.eps_high)).float()
                 ent_sum = (ent * m).sum() if ent is not None else torch.zeros((), device=m.device)
-                sums += torch.stack([(kl * m).sum(), (clipped * m).sum(), ent_sum])
+                sums += torch.stack([(kl * m).sum(), (clipped * m).sum(), ent_sum, loss.detach()])
+        parallel.all_reduce_grads(params)  # the whole batch's gradient on every rank
+        sums = parallel.all_reduce_sum(sums)
         if profiler is not None:
             profiler.record()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        kl_sum, clip_sum, ent_sum = (sums / max(n_tokens, 1)).tolist()
-        stats["kl"], stats["clip_frac"], stats["loss"] = kl_sum, clip_sum, loss_total
+        kl_sum, clip_sum, ent_sum = (sums[:3] / max(n_tokens, 1)).tolist()
+        stats["kl"], stats["clip_frac"], stats["loss"] = kl_sum, clip_sum, sums[3].item()
         stats["grad_norm"] = float(grad_norm)
         if it == 0:
             stats["entropy"] = ent_sum

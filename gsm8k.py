@@ -264,6 +264,12 @@ def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int = 51
                             "format_ok": format_reward(text) == 1.0})
         if log:
             log(f"eval {len(records)}/{len(examples)}")
+    return summarise(records, records_path)
+
+
+def summarise(records: list[dict], records_path: str | None = None) -> dict:
+    """Accuracy with its Wilson interval, lenient accuracy, format rate and lengths of eval records;
+    writes the records (one jsonl line per problem) atomically when given a path."""
     n = len(records)
     k = sum(r["correct"] for r in records)
     if records_path:

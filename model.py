@@ -451,8 +451,13 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None):
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from logits [N, V]; greedy at temperature 0."""
+                generator: torch.Generator | None, noise_rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One token per row from logits [N, V]; greedy at temperature 0.
+
+    noise_rows = (offset, total): these N rows are rows offset.. of a batch of `total` sampled with the
+    same generator (data parallelism): the noise of the whole batch is drawn and this slice used, so
+    every row gets the noise it would get in a single process.
+    """
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -466,14 +471,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     # argmax(p / E) with E ~ Exp(1) draws from p without a host sync (unlike torch.multinomial);
     # E = -log U, since on the CPU torch.rand is several times faster than Tensor.exponential_.
-    noise = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
+    offset, total = noise_rows or (0, probs.shape[0])
+    noise = torch.rand((total, probs.shape[1]), generator=generator, device=probs.device)
+    noise = noise[offset:offset + probs.shape[0]].log_().neg_()
     return (probs / noise).argmax(-1)
 
 
 def generate(model: Qwen2, prompts: list[list[int]], max_new_tokens: int, stop_ids, pad_id: int,
              num_samples: int = 1, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None,
-             stop_check_every: int | None = None):
+             stop_check_every: int | None = None, noise_rows: tuple[int, int] | None = None):
     """Sample `num_samples` completions of each prompt with a KV cache.
 
     Returns (tokens [B*n, T_new], mask [B*n, T_new]): row i*n+j is sample j of prompt i; the mask is 1
@@ -483,12 +490,12 @@ def generate(model: Qwen2, prompts: list[list[int]], max_new_tokens: int, stop_i
     # later (GRPO trains on these tokens), so the results are cloned outside it.
     with torch.inference_mode():
         out, mask = _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, temperature, top_k,
-                              top_p, generator, stop_check_every)
+                              top_p, generator, stop_check_every, noise_rows)
     return out.clone(), mask.clone()
 
 
 def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, temperature, top_k, top_p, generator,
-              stop_check_every):
+              stop_check_every, noise_rows):
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     ids, mask = left_pad(prompts, pad_id, device)
@@ -508,7 +515,7 @@ def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, tem
     # Checking "all rows finished" syncs with the host; on a GPU do it only every few tokens.
     every = stop_check_every or (16 if device.type == "cuda" else 1)
     for t in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_k, top_p, generator)
+        tok = sample_next(logits, temperature, top_k, top_p, generator, noise_rows)
         tok = torch.where(done, pad_id, tok)
         out[:, t] = tok
         done = done | torch.isin(tok, stops)

@@ -14,6 +14,7 @@ import time
 import torch
 
 import lora
+import parallel
 from gsm8k import prompt_text, reference_completion
 from model import completion_logprobs, left_pad
 
@@ -34,13 +35,13 @@ def sft_batch(tokenizer, examples: list, device) -> tuple[torch.Tensor, torch.Te
 
 
 def sft_step(model, tokenizer, optimizer, examples: list, micro_batch: int = 4, max_grad_norm: float = 1.0,
-             scheduler=None, profiler=None, params=None) -> dict:
+             scheduler=None, profiler=None) -> dict:
     """One optimiser step of token-mean cross-entropy on the reference completions."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     ids, attn, mask = sft_batch(tokenizer, examples, device)
-    n_tokens, Tc = int(mask.sum()), mask.shape[1]
-    params = params if params is not None else lora.lora_parameters(model)
+    n_tokens, Tc = parallel.sum_int(int(mask.sum())), mask.shape[1]  # the mean over every rank's tokens
+    params = lora.lora_parameters(model)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
@@ -50,6 +51,8 @@ def sft_step(model, tokenizer, optimizer, examples: list, micro_batch: int = 4, 
         loss = -torch.where(mask[s], logp, 0.0).sum() / n_tokens  # this micro-batch's share of the mean
         loss.backward()
         total += loss.item()
+    parallel.all_reduce_grads(params)
+    total = float(parallel.all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=device)))
     if profiler is not None:
         profiler.record()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
@@ -57,5 +60,5 @@ def sft_step(model, tokenizer, optimizer, examples: list, micro_batch: int = 4, 
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": total, "grad_norm": float(grad_norm), "tokens": n_tokens, "lr": optimizer.param_groups[0]["lr"],
+    return {"loss": total, "grad_norm": float(grad_norm), "tokens": int(mask.sum()), "lr": optimizer.param_groups[0]["lr"],
             "time_learn": time.perf_counter() - t0}

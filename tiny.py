@@ -33,11 +33,17 @@ def build_tiny_model(folder: str, seed: int = 0, warmup_steps: int = 40) -> str:
     tok = qwen.Tokenizer(qwen.train_tiny_tokenizer(texts, vocab_size=400))
     m = qwen.Qwen2(qwen.ModelConfig(vocab_size=tok.tok.get_vocab_size(), **TINY_SHAPE))
     m.init_weights(std=0.1, generator=torch.Generator().manual_seed(seed))
-    params = list(m.parameters())
-    opt = torch.optim.AdamW(params, lr=3e-3)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     rng = random.Random(seed)
-    for _ in range(warmup_steps):
-        sft.sft_step(m, tok, opt, rng.sample(problems, 16), micro_batch=16, params=params)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same float summation order whatever the machine: the same model
+    for _ in range(warmup_steps):  # full-parameter SFT, in this process alone (no data parallelism)
+        ids, attn, mask = sft.sft_batch(tok, rng.sample(problems, 16), "cpu")
+        logp, _ = qwen.completion_logprobs(m, ids, attn, mask.shape[1])
+        (-torch.where(mask, logp, 0.0).sum() / mask.sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    torch.set_num_threads(threads)
     m.eval()
     tmp = folder + ".tmp"
     qwen.save_pretrained(m, tmp)

@@ -39,6 +39,7 @@ import grpo
 import gsm8k
 import lora
 import model as qwen
+import parallel
 import sft
 import tiny
 from profiler import GradientProfiler, atomic_json
@@ -164,7 +165,14 @@ def check(cfg: TrainConfig):
 
 
 def log(msg: str):
-    print(msg, flush=True)
+    if parallel.is_main():
+        print(msg, flush=True)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The sampling seed of one step: a function of (seed, step) alone, so a resumed run, or one split
+    over several processes, draws exactly the samples an uninterrupted single process draws."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
 def seed_everything(seed: int):
@@ -246,12 +254,17 @@ class Run:
     def __init__(self, cfg: TrainConfig, run_dir: str):
         self.cfg, self.dir = cfg, run_dir
         os.makedirs(run_dir, exist_ok=True)
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = parallel.init(cfg.device)
         if self.device.type == "cpu" and cfg.preset is None:
             warnings.warn("no GPU: running on the CPU. Real results need the real model on a GPU; "
                           "try --preset tiny to watch the pipeline.")
         seed_everything(cfg.seed)
-        model_path = tiny.build_tiny_model(os.path.join(run_dir, "tiny-model")) if cfg.preset == "tiny" else cfg.model
+        model_path = cfg.model
+        if cfg.preset == "tiny":
+            model_path = os.path.join(run_dir, "tiny-model")
+            if parallel.is_main():
+                tiny.build_tiny_model(model_path)
+            parallel.barrier()
         try:
             self.model = qwen.from_pretrained(model_path, device=self.device)
             self.tok = qwen.load_tokenizer(model_path)
@@ -260,7 +273,7 @@ class Run:
         self.train_set, self.test_set = load_data(cfg)
         self.ranks, self.rank_info, self.opt, self.sched, self.profiler = {}, {}, None, None, None
         self.step = 0
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.gen = torch.Generator(device=self.device)  # reseeded every step (step_seed)
         if cfg.strategy != "base":
             pattern, self.rank_info = resolve_ranks(cfg, self.model.config.num_hidden_layers)
             capacity = None
@@ -270,11 +283,13 @@ class Run:
                 self.bounds = (cfg.r_min or round(allocate.BOUNDS["proportional"][0] * budget / L),
                                cfg.r_max or round(allocate.BOUNDS["proportional"][1] * budget / L))
                 capacity = self.bounds[1]
+            seed_everything(cfg.seed)  # LoRA's init draws from here: the same A whatever ran before
             try:
                 self.ranks = lora.apply_lora(self.model, r=cfg.rank, alpha=cfg.alpha, rank_pattern=pattern,
                                              dropout=cfg.dropout, scale_policy=cfg.scale_policy, capacity=capacity)
             except ValueError as e:
                 raise SystemExit(f"error: {e}")
+            parallel.broadcast(lora.lora_parameters(self.model))  # every process starts from rank 0's adapters
             self.model.gradient_checkpointing = cfg.grad_checkpointing
             self.opt = grpo.make_optimizer(self.model, cfg.lr, cfg.weight_decay)
             self.sched = grpo.make_scheduler(self.opt, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
@@ -308,12 +323,13 @@ class Run:
 
     # -- checkpoints: one file, written atomically
     def save_checkpoint(self):
+        if not parallel.is_main():
+            return
         state = {"step": self.step, "lora": {k: v for k, v in self.model.state_dict().items() if "lora_" in k},
                  "active": {p: (m.r, m.scale) for p, m in lora.lora_modules(self.model).items()},
                  "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                  "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
-                         "sampler": self.gen.get_state()}}
+                         "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}}
         tmp = os.path.join(self.dir, "checkpoint.pt.tmp")
         torch.save(state, tmp)
         os.replace(tmp, os.path.join(self.dir, "checkpoint.pt"))
@@ -335,20 +351,25 @@ class Run:
         torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] is not None:
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-        self.gen.set_state(rng["sampler"].cpu())
         self.step = state["step"]
         self.profiler.load(self.dir)
         self.profiler.truncate(self.step)  # steps after the checkpoint are recomputed
-        truncate_jsonl(os.path.join(self.dir, "metrics.jsonl"), self.step)
+        if parallel.is_main():
+            truncate_jsonl(os.path.join(self.dir, "metrics.jsonl"), self.step)
 
     # -- evaluation
     def evaluate(self, examples, name: str) -> dict:
+        """Greedy evaluation, sharded over data-parallel ranks (every k-th problem) and gathered."""
         cfg = self.cfg
+        mine = examples[parallel.rank()::parallel.world()]
         with lora.merged(self.model) if self.ranks else contextlib.nullcontext():
-            res = gsm8k.evaluate(self.model, self.tok, examples, cfg.eval_max_new_tokens, cfg.eval_batch,
-                                 records_path=os.path.join(self.dir, f"eval_{name}.jsonl"))
+            local = gsm8k.evaluate(self.model, self.tok, mine, cfg.eval_max_new_tokens, cfg.eval_batch)["records"]
+        records = sorted((r for part in parallel.gather(local) for r in part), key=lambda r: r["index"])
+        path = os.path.join(self.dir, f"eval_{name}.jsonl") if parallel.is_main() else None
+        res = gsm8k.summarise(records, path)
         res.pop("records")
-        atomic_json(os.path.join(self.dir, f"eval_{name}.json"), res)
+        if parallel.is_main():
+            atomic_json(os.path.join(self.dir, f"eval_{name}.json"), res)
         return res
 
 
@@ -390,7 +411,8 @@ def train(run: Run, stop_after: int | None):
                 log(f"stopped after {stop_after} steps at step {run.step}; resume with --resume {run.dir}")
                 return False
             t0 = time.perf_counter()
-            examples = run.batch(run.step)
+            examples = parallel.shard(run.batch(run.step))  # this process's groups
+            run.gen.manual_seed(step_seed(cfg.seed, run.step))
             if cfg.algo == "sft":
                 m = sft.sft_step(run.model, run.tok, run.opt, examples, cfg.micro_batch, cfg.max_grad_norm,
                                  run.sched, run.profiler)
@@ -403,9 +425,11 @@ def train(run: Run, stop_after: int | None):
                 m["moved_ranks"] = dynamic.reallocate(run.model, run.profiler, run.opt, budget, *run.bounds,
                                                       run.dynamic_cfg)
                 log(f"ranks moved at step {run.step}: {m['moved_ranks']}")
+            m = merge_metrics(parallel.gather(m))
             m["step"], m["time_step"] = run.step, time.perf_counter() - t0
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
+            if parallel.is_main():
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
             done = run.step - start_step
             per_step = (time.perf_counter() - t_start) / done
             log(progress_line(run.step, cfg.steps, m, m["time_step"], per_step * (cfg.steps - run.step)))
@@ -425,11 +449,30 @@ def train(run: Run, stop_after: int | None):
     return True
 
 
+def merge_metrics(parts: list[dict]) -> dict:
+    """One step's metrics from every data-parallel rank: token counts add up, maxima are maxima, and
+    the rest are means over ranks (exact for means over equal shares; a std becomes the mean std)."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for k, v in parts[0].items():
+        vals = [p[k] for p in parts]
+        if not isinstance(v, (int, float)) or k in ("lr", "loss", "grad_norm", "kl", "clip_frac", "entropy"):
+            out[k] = v  # identical on every rank (all-reduced), or not a number
+        elif k == "tokens":
+            out[k] = sum(vals)
+        elif k.endswith("_max") or k.startswith("time"):
+            out[k] = max(vals)
+        else:
+            out[k] = sum(vals) / len(vals)
+    return out
+
+
 def finish(run: Run, t_total: float):
     """Final adapter, profile, evaluation and results.json."""
     cfg = run.cfg
     tokens = 0
-    if run.ranks:
+    if run.ranks and parallel.is_main():
         lora.save_adapter(run.model, os.path.join(run.dir, "adapter"), cfg.model)
         run.profiler.save(run.dir)
         with open(os.path.join(run.dir, "metrics.jsonl")) as f:
@@ -446,13 +489,15 @@ def finish(run: Run, t_total: float):
                "steps": run.step, "time_s": t_total, "train_tokens": tokens}
     if cfg.strategy == "dynamic":
         results["final_layer_ranks"] = dynamic.layer_ranks(run.model)
-    atomic_json(os.path.join(run.dir, "results.json"), results)
+    if parallel.is_main():
+        atomic_json(os.path.join(run.dir, "results.json"), results)
     log(f"accuracy {res['accuracy']:.3f} (95% CI {res['ci95'][0]:.3f}-{res['ci95'][1]:.3f}), "
         f"format {res['format_rate']:.2f}; results in {run.dir}")
 
 
 def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None):
     """One run from its config: set up (or resume), train, evaluate."""
+    parallel.init(cfg.device)  # under torchrun: join the group before anyone writes
     if not resume:
         if os.path.isfile(os.path.join(run_dir, "config.json")):
             raise SystemExit(f"error: {run_dir} already holds a run; use --resume {run_dir} or another --out")
@@ -460,9 +505,10 @@ def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None
             read_rank_pattern(cfg.rank_pattern)
         elif cfg.strategy in ("proportional", "reduced") and cfg.profile is None:
             cfg.profile = latest_uniform_run(cfg)
+    parallel.barrier()  # every process has checked the folder before rank 0 writes into it
     t0 = time.perf_counter()
     run = Run(cfg, run_dir)
-    if not resume:
+    if not resume and parallel.is_main():
         atomic_json(os.path.join(run_dir, "config.json"),
                     {**dataclasses.asdict(cfg), "torch": torch.__version__, "device": str(run.device)})
         atomic_json(os.path.join(run_dir, "ranks.json"), {"ranks": run.ranks, **run.rank_info})

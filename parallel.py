@@ -1,0 +1,109 @@
+"""Data parallelism on PyTorch's own engine (torch.distributed), in the few calls GRPO needs.
+
+    torchrun --nproc-per-node 8 train.py --strategy uniform            # one machine, 8 GPUs
+    torchrun --nnodes 2 --node-rank 0 --master-addr HOST --nproc-per-node 8 train.py ...   # two machines
+
+Each rank takes an equal, contiguous share of the step's prompts, so a group of K completions never
+spans ranks and its advantages stay exact. The loss each rank backpropagates is its share of the
+whole batch's loss (the normalisers, sequences and tokens, are summed over ranks first), so one
+all-reduce SUM of the LoRA gradients gives every rank exactly the single-process gradient; the
+profiler then records that all-reduced gradient and every rank takes the same optimiser step.
+NCCL on GPUs, gloo on CPUs. Without torchrun (WORLD_SIZE unset) every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(device: str | None) -> torch.device:
+    """Join the process group torchrun describes (if any); returns this rank's device."""
+    want_cuda = device != "cpu" and torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not active():
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    if want_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device(device or "cpu")
+
+
+def shard(items: list, what: str = "prompts per step") -> list:
+    """This rank's contiguous equal share of `items`."""
+    n, w, r = len(items), world(), rank()
+    if n % w:
+        raise ValueError(f"{what} ({n}) must be a multiple of the number of processes ({w})")
+    return items[r * n // w:(r + 1) * n // w]
+
+
+def sum_int(x: int) -> int:
+    """The sum of an integer over ranks."""
+    if not active():
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=_device())
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over ranks (a copy; the input is left alone)."""
+    if not active():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter]):
+    """Sum every gradient over ranks, flattened into one buffer: one collective, not one per tensor."""
+    if not active():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
+def broadcast(tensors: list[torch.Tensor]):
+    """Overwrite every rank's tensors with rank 0's (the starting adapters)."""
+    if active():
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order (picklable objects: metrics, eval records)."""
+    if not active():
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier():
+    if active():
+        dist.barrier()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
