@@ -500,6 +500,8 @@ def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, tem
     dtype = next(model.parameters()).dtype
     ids, mask = left_pad(prompts, pad_id, device)
     B, T0 = ids.shape
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if T0 + max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"prompt of {T0} tokens + {max_new_tokens} new tokens exceeds the context "
                          f"({model.config.max_position_embeddings})")
@@ -515,13 +517,13 @@ def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, tem
     # Checking "all rows finished" syncs with the host; on a GPU do it only every few tokens.
     every = stop_check_every or (16 if device.type == "cuda" else 1)
     for t in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_k, top_p, generator, noise_rows)
-        tok = torch.where(done, pad_id, tok)
+        real = ~done  # rows still writing; finished rows get padding the model will not attend to
+        tok = torch.where(real, sample_next(logits, temperature, top_k, top_p, generator, noise_rows), pad_id)
         out[:, t] = tok
         done = done | torch.isin(tok, stops)
         if t + 1 == max_new_tokens or ((t + 1) % every == 0 and bool(done.all())):
             break
-        logits = model(tok[:, None], (~done | torch.isin(tok, stops))[:, None].long(), cache=cache)[:, -1]
+        logits = model(tok[:, None], real[:, None].long(), cache=cache)[:, -1]
     out = out[:, :t + 1]
     # mask: real tokens up to and including the first stop
     is_stop = torch.isin(out, stops)

@@ -5,6 +5,7 @@
     python train.py --strategy reduced | random | base
     python train.py --preset tiny --strategy uniform      # offline, CPU, about a minute
     python train.py --resume runs/uniform-20261129-120000
+    python train.py --config runs/uniform-20261129-120000/config.json --out runs/again   # the same run again
     python train.py --strategy dynamic                    # ranks moved during training (dynamic.py)
     python train.py --algo sft                            # the same LoRA trained by SFT, for the regime comparison
     python train.py --strategy uniform --seeds 0,1,2      # one run per seed
@@ -124,7 +125,6 @@ PRESETS = {
 }
 
 
-
 # ------------------------------------------------------------------------------------------ set-up
 
 def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
@@ -137,15 +137,27 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
             kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
             ap.add_argument(flag, type=kind, default=None, help=f.metadata["help"])
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    ap.add_argument("--config", metavar="FILE", help="start from a run's saved config.json (flags override it)")
     args = ap.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name) is not None}
-    preset = given.get("preset")
+    base = read_config(args.config) if args.config else {}
+    preset = given.get("preset", base.get("preset"))
     if preset is not None and preset not in PRESETS:
         raise SystemExit(f"error: --preset {preset!r} unknown; allowed: {sorted(PRESETS)}")
-    cfg = TrainConfig(**{**(PRESETS.get(preset) or {}), **given})
+    cfg = TrainConfig(**{**(PRESETS.get(preset) or {}), **base, **given})
     check(cfg)
     return cfg, args
+
+
+def read_config(path: str) -> dict:
+    """The TrainConfig fields of a saved config.json (a run's, to repeat or resume it)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path}: no such config file")
+    with open(path) as f:
+        saved = json.load(f)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in saved.items() if k in names and k not in ("out", "stop_after")}
 
 
 def check(cfg: TrainConfig):
@@ -529,10 +541,7 @@ def main(argv=None):
         path = os.path.join(args.resume, "config.json")
         if not os.path.isfile(path):
             raise SystemExit(f"error: --resume {args.resume}: no config.json (not a run folder)")
-        with open(path) as f:
-            saved = json.load(f)
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        run_one(TrainConfig(**{k: v for k, v in saved.items() if k in names}), args.resume, True, args.stop_after)
+        run_one(TrainConfig(**read_config(path)), args.resume, True, args.stop_after)
         return
     out = cfg.out or os.path.join("runs", f"{cfg.algo + '-' if cfg.algo != 'grpo' else ''}{cfg.strategy}-"
                                           f"{time.strftime('%Y%m%d-%H%M%S')}")

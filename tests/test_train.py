@@ -143,3 +143,13 @@ def test_sft_regime_and_seeds_land_in_the_same_report(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), "--compare", *dirs[1:]], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "McNemar exact p" in p.stdout, p.stderr
+
+
+def test_saved_config_reproduces_the_run(tmp_path):
+    from safetensors.torch import load_file
+    run(["--preset", "tiny", "--steps", "3", "--eval-n", "4", "--eval-every", "0", "--out", "runs/a"], tmp_path)
+    run(["--config", "runs/a/config.json", "--out", "runs/b"], tmp_path)
+    a = load_file(tmp_path / "runs/a/adapter/adapter_model.safetensors")
+    b = load_file(tmp_path / "runs/b/adapter/adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load(tmp_path / "runs/b/config.json")["steps"] == 3
