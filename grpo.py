@@ -206,17 +206,11 @@ def learn(model, batch: Rollout, cfg: GRPOConfig, optimizer, scheduler=None, pro
                 clipped = ((ratio < 1 - cfg.eps_low) | (ratio > 1 + cfg.eps_high)).float()
                 ent_sum = (ent * m).sum() if ent is not None else torch.zeros((), device=m.device)
                 sums += torch.stack([(kl * m).sum(), (clipped * m).sum(), ent_sum, loss.detach()])
-        parallel.all_reduce_grads(params)  # the whole batch's gradient on every rank
         sums = parallel.all_reduce_sum(sums)
-        if profiler is not None:
-            profiler.record()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        grad_norm = optimizer_step(params, optimizer, scheduler, profiler, cfg.max_grad_norm)
         kl_sum, clip_sum, ent_sum = (sums[:3] / max(n_tokens, 1)).tolist()
         stats["kl"], stats["clip_frac"], stats["loss"] = kl_sum, clip_sum, sums[3].item()
-        stats["grad_norm"] = float(grad_norm)
+        stats["grad_norm"] = grad_norm
         if it == 0:
             stats["entropy"] = ent_sum
     optimizer.zero_grad(set_to_none=True)
@@ -248,6 +242,19 @@ def grpo_step(model, tokenizer, optimizer, examples: list, prompts: list[list[in
 
 
 # -------------------------------------------------------------------------- optimiser and schedule
+
+def optimizer_step(params, optimizer, scheduler, profiler, max_grad_norm: float) -> float:
+    """After the backward passes: sum gradients over data-parallel ranks, let the profiler record them,
+    clip, step. Returns the gradient norm before clipping."""
+    parallel.all_reduce_grads(params)  # the whole batch's gradient on every rank
+    if profiler is not None:
+        profiler.record()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return float(grad_norm)
+
 
 def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.99)):
     """AdamW on the LoRA parameters only (fp32 state)."""

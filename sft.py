@@ -15,6 +15,7 @@ import torch
 
 import lora
 import parallel
+from grpo import optimizer_step
 from gsm8k import prompt_text, reference_completion
 from model import completion_logprobs, left_pad
 
@@ -51,14 +52,8 @@ def sft_step(model, tokenizer, optimizer, examples: list, micro_batch: int = 4, 
         loss = -torch.where(mask[s], logp, 0.0).sum() / n_tokens  # this micro-batch's share of the mean
         loss.backward()
         total += loss.item()
-    parallel.all_reduce_grads(params)
     total = float(parallel.all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=device)))
-    if profiler is not None:
-        profiler.record()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    grad_norm = optimizer_step(params, optimizer, scheduler, profiler, max_grad_norm)
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": total, "grad_norm": float(grad_norm), "tokens": int(mask.sum()), "lr": optimizer.param_groups[0]["lr"],
+    return {"loss": total, "grad_norm": grad_norm, "tokens": int(mask.sum()), "lr": optimizer.param_groups[0]["lr"],
             "time_learn": time.perf_counter() - t0}

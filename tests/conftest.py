@@ -52,7 +52,7 @@ def hf_pair(request, tmp_path):
     return hf, str(tmp_path)
 
 
-def make_tiny_checkpoint(folder, texts, layers=2, hidden=64, seed=0):
+def make_tiny_checkpoint(folder, texts, layers=2, hidden=64, seed=0, std=0.02):
     """Our own tiny random Qwen2 + a BPE tokenizer trained on `texts`, saved in the HF layout."""
     import model as M
     tok = M.train_tiny_tokenizer(texts, vocab_size=400)
@@ -60,7 +60,7 @@ def make_tiny_checkpoint(folder, texts, layers=2, hidden=64, seed=0):
                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                         max_position_embeddings=1024, rope_theta=10000.0)
     m = M.Qwen2(cfg)
-    m.init_weights(generator=torch.Generator().manual_seed(seed))
+    m.init_weights(std=std, generator=torch.Generator().manual_seed(seed))
     M.save_pretrained(m, str(folder))
     tok.save(os.path.join(str(folder), "tokenizer.json"))
     return str(folder)
