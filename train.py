@@ -27,6 +27,7 @@ import glob
 import json
 import os
 import random
+import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -416,8 +417,22 @@ def train(run: Run, stop_after: int | None):
     cfg = run.cfg
     metrics_path = os.path.join(run.dir, "metrics.jsonl")
     start_step, t_start = run.step, time.perf_counter()
+    # Ctrl-C asks to stop at the next step boundary (a step cut in half would be checkpointed half
+    # done); a second Ctrl-C stops at once.
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         while run.step < cfg.steps:
+            if parallel.sum_int(len(interrupted)) > 0:  # every process stops at the same step
+                run.save_checkpoint()
+                log(f"\ninterrupted: checkpoint at step {run.step} written; resume with --resume {run.dir}")
+                raise SystemExit(130)
             if stop_after is not None and run.step - start_step >= stop_after:
                 run.save_checkpoint()
                 log(f"stopped after {stop_after} steps at step {run.step}; resume with --resume {run.dir}")
@@ -450,13 +465,11 @@ def train(run: Run, stop_after: int | None):
                 log(f"eval @ {run.step}: accuracy {res['accuracy']:.3f} format {res['format_rate']:.2f}")
             if run.step % cfg.checkpoint_every == 0:
                 run.save_checkpoint()
-    except KeyboardInterrupt:
-        run.save_checkpoint()
-        log(f"\ninterrupted: checkpoint at step {run.step} written; resume with --resume {run.dir}")
-        raise SystemExit(130)
     except torch.cuda.OutOfMemoryError:
         raise SystemExit("error: CUDA out of memory. Lower --micro-batch, add --grad-checkpointing, "
                          "or lower --max-new-tokens")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     run.save_checkpoint()
     return True
 

@@ -205,3 +205,40 @@ def test_step_reports_metrics_and_only_lora_changes():
             assert torch.equal(v, frozen[k]), k
     with pytest.raises(ValueError, match="allowed"):
         R.GRPOConfig(loss_type="ppo")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = M.ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = M.Qwen2(cfg)
+    m.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    L.apply_lora(m, r=4)
+    with torch.no_grad():
+        for p in L.lora_parameters(m):
+            p.normal_(0, 0.1)
+    ids = torch.randint(0, 32, (3, 10), generator=torch.Generator().manual_seed(1))
+    attn = torch.ones_like(ids)
+    attn[0, :3] = 0
+    m.train()
+    grads = []
+    for ckpt in (False, True):
+        m.gradient_checkpointing = ckpt
+        M.completion_logprobs(m, ids, attn, 4)[0].sum().backward()
+        grads.append([p.grad.clone() for p in L.lora_parameters(m)])
+        m.zero_grad()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_mask_truncated_drops_completions_without_a_stop():
+    torch.manual_seed(0)
+    cfg = M.ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = M.Qwen2(cfg)
+    m.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    L.apply_lora(m, r=2)
+    gen = torch.Generator().manual_seed(3)
+    batch = R.rollout(m, ToyTokenizer(), [[3, 4], [5, 6]], [None, None], {"t": share_of_target}, {"t": 1.0},
+                      R.GRPOConfig(num_generations=8, max_new_tokens=5, mask_truncated=True), gen)
+    assert batch.truncated.any() and (~batch.truncated).any()  # both kinds occur with this seed
+    assert not batch.mask[batch.truncated].any()
+    assert (batch.mask[~batch.truncated].sum(-1) == batch.lengths[~batch.truncated]).all()

@@ -136,3 +136,19 @@ def test_evaluate_end_to_end_on_a_tiny_model(tmp_path):
         assert r["format_ok"] == (G.format_reward(r["completion"]) == 1.0)
     again = G.evaluate(model, tok, problems, max_new_tokens=16, batch_size=12)  # batch size does not matter
     assert [r["completion"] for r in again["records"]] == [r["completion"] for r in records]
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="shared GSM8K files absent")
+def test_download_is_verified_and_atomic(monkeypatch, tmp_path):
+    """The real download path, served from the shared copy through a file:// URL."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(G, "URL", "file://" + os.path.join(GSM8K_DIR, "{split}.jsonl"))
+    test = G.load_gsm8k("test")
+    assert len(test) == G.SIZES["test"]
+    cached = os.path.join(G.cache_dir(), "test.jsonl")
+    assert G.sha256_of(cached) == G.SHA256["test"]
+    os.remove(cached)
+    monkeypatch.setattr(G, "URL", "file://" + os.path.join(GSM8K_DIR, "train.jsonl"))  # the wrong file
+    with pytest.raises(ValueError, match="wrong sha256"):
+        G.download("test")
+    assert not os.path.exists(cached) and not os.path.exists(cached + ".part")

@@ -204,3 +204,39 @@ def test_prompt_longer_than_context_is_refused():
                               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32))
     with pytest.raises(ValueError, match="exceeds the context"):
         M.generate(m, [[1] * 30], max_new_tokens=8, stop_ids=[0], pad_id=0)
+
+
+def test_hub_ids_download_only_what_loading_needs(monkeypatch, tmp_path):
+    import huggingface_hub
+    hf = make_hf_model("tied")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    m = M.from_pretrained("Qwen/Qwen2.5-1.5B-Instruct")
+    assert calls == [("Qwen/Qwen2.5-1.5B-Instruct", M.HUB_FILES)]
+    assert "*.safetensors" in M.HUB_FILES and not any(p.endswith(".bin") for p in M.HUB_FILES)
+    assert m.config.vocab_size == hf.config.vocab_size
+
+
+def test_fast_sampling_paths_equal_the_plain_ones(hf_pair):
+    """Prefill once + copy the cache into K rows == K separate prompts; merged LoRA == unmerged."""
+    import lora as L
+    _, folder = hf_pair
+    ours = M.from_pretrained(folder)
+    prompts = [[5, 9, 2, 7], [8, 4, 6]]
+    a, ma = M.generate(ours, prompts, 10, stop_ids=[1], pad_id=0, num_samples=3, temperature=0.0)
+    b, mb = M.generate(ours, [p for p in prompts for _ in range(3)], 10, stop_ids=[1], pad_id=0)
+    assert torch.equal(a, b) and torch.equal(ma, mb)
+    L.apply_lora(ours, r=4)
+    with torch.no_grad():
+        for p in L.lora_parameters(ours):
+            p.normal_(0, 0.2)
+    plain = M.generate(ours, prompts, 10, stop_ids=[1], pad_id=0)
+    with L.merged(ours):
+        fast = M.generate(ours, prompts, 10, stop_ids=[1], pad_id=0)
+    assert torch.equal(plain[0], fast[0])

@@ -153,3 +153,40 @@ def test_saved_config_reproduces_the_run(tmp_path):
     b = load_file(tmp_path / "runs/b/adapter/adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert load(tmp_path / "runs/b/config.json")["steps"] == 3
+
+
+def test_a_crash_mid_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):
+    import train
+    common = ["--preset", "tiny", "--steps", "8", "--eval-every", "0", "--checkpoint-every", "2"]
+    run([*common, "--out", "runs/c", "--stop-after", "2"], tmp_path)
+    ckpt = tmp_path / "runs/c/checkpoint.pt"
+    before = ckpt.read_bytes()
+
+    def crash_while_writing(obj, path):
+        with open(path, "wb") as f:
+            f.write(before[:100])  # half a file, then the machine "dies"
+        raise OSError("disk full")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch, "save", crash_while_writing)
+    with pytest.raises(OSError, match="disk full"):
+        train.main(["--resume", "runs/c"])
+    monkeypatch.undo()
+    assert ckpt.read_bytes() == before and torch.load(ckpt, weights_only=False)["step"] == 2
+
+
+def test_ctrl_c_writes_a_checkpoint(tmp_path):
+    import signal
+    p = subprocess.Popen([sys.executable, TRAIN, "--preset", "tiny", "--steps", "500", "--eval-every", "0",
+                          "--checkpoint-every", "1000", "--out", "runs/i"], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("step    3/"):
+            p.send_signal(signal.SIGINT)
+            break
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "interrupted: checkpoint at step" in out
+    step = torch.load(tmp_path / "runs/i/checkpoint.pt", weights_only=False)["step"]
+    assert 3 <= step < 500
+    assert len(open(tmp_path / "runs/i/metrics.jsonl").readlines()) == step
