@@ -117,7 +117,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, allowed, cache: "KVCache | None", layer: int):
+    def forward(self, x, cos, sin, bias, cache: "KVCache | None", layer: int):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
@@ -126,7 +126,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, nkv, S, hd): everything cached so far
         # GQA: SDPA's enable_gqa shares each KV head across n_head / n_kv query heads without a copy.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
+        # bias: (B, 1, T, S) additive mask, or None for plain causal attention without padding
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None,
                                            enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -150,8 +151,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, allowed, cache, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache, layer)
+    def forward(self, x, cos, sin, bias, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -216,17 +217,18 @@ class Qwen2(nn.Module):
             allowed = (allowed | (k_idx == q_idx)[None])[:, None]  # (B, 1, T, S)
 
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        if allowed is not None:  # additive: SDPA's CPU kernel takes it faster than a boolean mask
-            allowed = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
+        bias = None  # additive form of `allowed`: SDPA's CPU kernel takes it faster than a boolean mask
+        if allowed is not None:
+            bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
         if cache is None:
             cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         else:  # looked up in the table the cache computed once
             cos, sin = cache.cos[positions], cache.sin[positions]
         for i, block in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, cos, sin, allowed, None, i, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, bias, None, i, use_reentrant=False)
             else:
-                x = block(x, cos, sin, allowed, cache, i)
+                x = block(x, cos, sin, bias, cache, i)
         if num_logits is not None:
             x = x[:, -num_logits:]
         return self.lm_head(self.model.norm(x))

@@ -209,7 +209,7 @@ def latest_uniform_run(cfg: TrainConfig) -> str:
         d = os.path.dirname(c)
         if (other.get("strategy") == "uniform" and other.get("preset") == cfg.preset
                 and other.get("algo", "grpo") == cfg.algo
-                and other.get("model_name", other.get("model")) == cfg.model
+                and other.get("model") == cfg.model
                 and os.path.isfile(os.path.join(d, "profile_summary.json"))
                 and os.path.isfile(os.path.join(d, "results.json"))):
             found.append((os.path.getmtime(os.path.join(d, "results.json")), d))
