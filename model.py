@@ -429,18 +429,6 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
     return Tokenizer(HFTokenizer.from_file(path))
 
 
-def train_tiny_tokenizer(texts: list[str], vocab_size: int = 600):
-    """A small byte-level BPE with Qwen's special tokens, trained on `texts` (tests, tiny preset)."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return tok
-
-
 # ------------------------------------------------------------------------------------- sampling
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None):

@@ -100,6 +100,25 @@ def gather(obj) -> list:
     return out
 
 
+def merge_metrics(parts: list[dict]) -> dict:
+    """One step's metrics from every data-parallel rank: token counts add up, maxima are maxima, and
+    the rest are means over ranks (exact for means over equal shares; a std becomes the mean std)."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for k, v in parts[0].items():
+        vals = [p[k] for p in parts]
+        if not isinstance(v, (int, float)) or k in ("lr", "loss", "grad_norm", "kl", "clip_frac", "entropy"):
+            out[k] = v  # identical on every rank (all-reduced), or not a number
+        elif k == "tokens":
+            out[k] = sum(vals)
+        elif k.endswith("_max") or k.startswith("time"):
+            out[k] = max(vals)
+        else:
+            out[k] = sum(vals) / len(vals)
+    return out
+
+
 def barrier():
     if active():
         dist.barrier()

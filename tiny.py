@@ -21,6 +21,18 @@ TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, nu
                   num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0)
 
 
+def train_tiny_tokenizer(texts: list[str], vocab_size: int = 600):
+    """A small byte-level BPE with Qwen's special tokens, trained on `texts` (tests, tiny preset)."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=qwen.SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
 def build_tiny_model(folder: str, seed: int = 0, warmup_steps: int = 40) -> str:
     """A tiny Qwen2 in the HF layout: BPE tokenizer trained on synthetic problems, random weights, then
     `warmup_steps` of full SFT on those problems, so that it sometimes answers in format and GRPO's
@@ -30,7 +42,7 @@ def build_tiny_model(folder: str, seed: int = 0, warmup_steps: int = 40) -> str:
     problems = gsm8k.synthetic_problems(200, seed=1234)
     chat = qwen.Tokenizer.chat
     texts = [gsm8k.prompt_text(p.question, chat) + gsm8k.reference_completion(p) for p in problems]
-    tok = qwen.Tokenizer(qwen.train_tiny_tokenizer(texts, vocab_size=400))
+    tok = qwen.Tokenizer(train_tiny_tokenizer(texts, vocab_size=400))
     m = qwen.Qwen2(qwen.ModelConfig(vocab_size=tok.tok.get_vocab_size(), **TINY_SHAPE))
     m.init_weights(std=0.1, generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)

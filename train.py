@@ -452,7 +452,7 @@ def train(run: Run, stop_after: int | None):
                 m["moved_ranks"] = dynamic.reallocate(run.model, run.profiler, run.opt, budget, *run.bounds,
                                                       run.dynamic_cfg)
                 log(f"ranks moved at step {run.step}: {m['moved_ranks']}")
-            m = merge_metrics(parallel.gather(m))
+            m = parallel.merge_metrics(parallel.gather(m))
             m["step"], m["time_step"] = run.step, time.perf_counter() - t0
             if parallel.is_main():
                 with open(metrics_path, "a") as f:
@@ -472,25 +472,6 @@ def train(run: Run, stop_after: int | None):
         signal.signal(signal.SIGINT, previous)
     run.save_checkpoint()
     return True
-
-
-def merge_metrics(parts: list[dict]) -> dict:
-    """One step's metrics from every data-parallel rank: token counts add up, maxima are maxima, and
-    the rest are means over ranks (exact for means over equal shares; a std becomes the mean std)."""
-    if len(parts) == 1:
-        return parts[0]
-    out = {}
-    for k, v in parts[0].items():
-        vals = [p[k] for p in parts]
-        if not isinstance(v, (int, float)) or k in ("lr", "loss", "grad_norm", "kl", "clip_frac", "entropy"):
-            out[k] = v  # identical on every rank (all-reduced), or not a number
-        elif k == "tokens":
-            out[k] = sum(vals)
-        elif k.endswith("_max") or k.startswith("time"):
-            out[k] = max(vals)
-        else:
-            out[k] = sum(vals) / len(vals)
-    return out
 
 
 def finish(run: Run, t_total: float):

@@ -55,7 +55,8 @@ def hf_pair(request, tmp_path):
 def make_tiny_checkpoint(folder, texts, layers=2, hidden=64, seed=0, std=0.02):
     """Our own tiny random Qwen2 + a BPE tokenizer trained on `texts`, saved in the HF layout."""
     import model as M
-    tok = M.train_tiny_tokenizer(texts, vocab_size=400)
+    from tiny import train_tiny_tokenizer
+    tok = train_tiny_tokenizer(texts, vocab_size=400)
     cfg = M.ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                         max_position_embeddings=1024, rope_theta=10000.0)

@@ -150,7 +150,8 @@ def test_real_qwen_tokenizer():
 
 
 def test_tiny_tokenizer_round_trips():
-    tok = M.Tokenizer(M.train_tiny_tokenizer(["one two three 123 + 45 = 168"] * 5, vocab_size=300))
+    from tiny import train_tiny_tokenizer
+    tok = M.Tokenizer(train_tiny_tokenizer(["one two three 123 + 45 = 168"] * 5, vocab_size=300))
     s = "three + 123 = 45"
     assert tok.decode(tok.encode(s)) == s
     assert len(tok.encode("<|im_end|>")) == 1
