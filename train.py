@@ -132,11 +132,12 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help strings
         if f.type == "bool":
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
-            ap.add_argument(flag, type=kind, default=None, help=f.metadata["help"])
+            ap.add_argument(flag, type=kind, default=None, help=text)
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
     ap.add_argument("--config", metavar="FILE", help="start from a run's saved config.json (flags override it)")
     args = ap.parse_args(argv)

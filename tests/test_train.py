@@ -190,3 +190,13 @@ def test_ctrl_c_writes_a_checkpoint(tmp_path):
     step = torch.load(tmp_path / "runs/i/checkpoint.pt", weights_only=False)["step"]
     assert 3 <= step < 500
     assert len(open(tmp_path / "runs/i/metrics.jsonl").readlines()) == step
+
+
+def test_every_command_line_prints_its_help():
+    for script in ("train.py", "allocate.py", "profiler.py", "report.py", "bench.py"):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 0 and "usage:" in p.stdout, (script, p.stderr[-1000:])
+    p = subprocess.run([sys.executable, TRAIN, "--help"], capture_output=True, text=True, timeout=120)
+    for flag in ("--strategy", "--algo", "--seeds", "--config", "--resume", "--dynamic-every", "--stop-after"):
+        assert flag in p.stdout
