@@ -112,6 +112,7 @@ class Rollout:
     attn: torch.Tensor  # (N, Tp + Tc)
     mask: torch.Tensor  # (N, Tc) bool: completion tokens that count in the loss
     rewards: torch.Tensor  # (N, F) each reward function's score
+    total: torch.Tensor  # (N,) their weighted sum
     advantages: torch.Tensor  # (N,)
     texts: list[str]
     truncated: torch.Tensor  # (N,) bool: no stop token within max_new_tokens
@@ -160,7 +161,7 @@ def rollout(model, tokenizer, prompts: list[list[int]], examples: list, reward_f
     if cfg.mask_truncated:
         mask = mask & ~truncated[:, None]
     return Rollout(ids=torch.cat([pids, out], 1), attn=torch.cat([pmask, cmask], 1), mask=mask,
-                   rewards=scores, advantages=advantages, texts=texts, truncated=truncated, lengths=lengths,
+                   rewards=scores, total=total, advantages=advantages, texts=texts, truncated=truncated, lengths=lengths,
                    times={"sample": t1 - t0, "score": t2 - t1})
 
 
@@ -223,9 +224,8 @@ def grpo_step(model, tokenizer, optimizer, examples: list, prompts: list[list[in
     """Sample, score and learn on one batch of prompts; returns the step's metrics (all plain floats)."""
     batch = rollout(model, tokenizer, prompts, examples, reward_fns, weights, cfg, generator)
     stats = learn(model, batch, cfg, optimizer, scheduler, profiler)
-    K = cfg.num_generations
-    total = batch.rewards @ torch.tensor([weights.get(n, 1.0) for n in reward_fns], device=batch.rewards.device)
-    grouped = total.view(-1, K)
+    total = batch.total
+    grouped = total.view(-1, cfg.num_generations)
     metrics = {"reward": total.mean().item(), "reward_std": total.std().item() if total.numel() > 1 else 0.0}
     for j, name in enumerate(reward_fns):
         metrics[f"reward/{name}"] = batch.rewards[:, j].mean().item()
