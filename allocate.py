@@ -90,14 +90,21 @@ def random_ranks(n: int, budget: int, lo: int, hi: int, seed: int) -> list[int]:
     return [int(x) for x in r]
 
 
+def bounds(strategy: str, num_layers: int, budget: int, r_min: int | None = None,
+           r_max: int | None = None) -> tuple[int, int]:
+    """[r_min, r_max] for a strategy: the given values, else its fractions of the uniform rank."""
+    r0 = budget / num_layers
+    lo = round(BOUNDS[strategy][0] * r0) if r_min is None else r_min
+    hi = round(BOUNDS[strategy][1] * r0) if r_max is None else r_max
+    return lo, hi
+
+
 def allocate(strategy: str, num_layers: int, budget: int, profile=None, r_min: int | None = None,
              r_max: int | None = None, seed: int = 0, fraction: float = 0.7) -> list[int]:
     """Ranks per unit (layer, or module) for a strategy; `profile` is one weight per unit (gradient shares)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r} unknown; allowed: {STRATEGIES}")
-    r0 = budget / num_layers
-    lo = round(BOUNDS[strategy][0] * r0) if r_min is None else r_min
-    hi = round(BOUNDS[strategy][1] * r0) if r_max is None else r_max
+    lo, hi = bounds(strategy, num_layers, budget, r_min, r_max)
     if strategy == "uniform":
         if budget % num_layers:
             raise ValueError(f"uniform: budget {budget} is not a multiple of {num_layers} units")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import allocate
 import lora
-from profiler import Profile, layer_norms
+from profiler import layer_norms
 
 
 @dataclass
@@ -44,8 +44,7 @@ def should_move(step: int, cfg: DynamicConfig) -> bool:
 
 def reallocate(model, profiler, optimizer, budget: int, r_min: int, r_max: int, cfg: DynamicConfig) -> list[int]:
     """Move rank between layers from the recent profile; returns the new per-layer ranks."""
-    recent = Profile(**profiler.arrays(), kinds=profiler.kinds)
-    importance = layer_norms(recent, cfg.normalised)[-cfg.window:].mean(0)
+    importance = layer_norms(profiler.profile(), cfg.normalised)[-cfg.window:].mean(0)
     ranks = allocate.proportional(importance, budget, r_min, r_max)
     apply_layer_ranks(model, ranks, optimizer)
     profiler.refresh()
@@ -56,7 +55,7 @@ def apply_layer_ranks(model, layer_ranks: list[int], optimizer=None):
     """Give every adapter of layer i rank layer_ranks[i] (scale per the model's policy)."""
     cfg = model.lora_config
     for path, m in lora.lora_modules(model).items():
-        r = layer_ranks[int(path.split(".")[2])]
+        r = layer_ranks[lora.layer_of(path)]
         if r == m.r:
             continue
         m.set_rank(r, lora.lora_scale(cfg["scale_policy"], cfg["alphas"][path], r, cfg["r"]))
@@ -69,5 +68,5 @@ def layer_ranks(model) -> list[int]:
     """The current rank of each layer (its modules share it)."""
     out = {}
     for path, m in lora.lora_modules(model).items():
-        out[int(path.split(".")[2])] = m.r
+        out[lora.layer_of(path)] = m.r
     return [out[i] for i in sorted(out)]

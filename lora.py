@@ -217,6 +217,11 @@ def apply_lora(model: nn.Module, r: int = 32, alpha: float = 64.0, targets=TARGE
     return ranks
 
 
+def layer_of(path: str) -> int:
+    """The layer index in a path like model.layers.15.self_attn.q_proj (-1 outside the layers)."""
+    return int(path.split(".")[2]) if path.startswith("model.layers.") else -1
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -232,7 +237,7 @@ def count_lora_params(model: nn.Module) -> dict:
     for name, m in lora_modules(model).items():
         n = m.r * (m.base_layer.in_features + m.base_layer.out_features)
         total += n
-        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        layer = layer_of(name)
         per_layer[layer] = per_layer.get(layer, 0) + n
         kind = name.rsplit(".", 1)[-1]
         per_type[kind] = per_type.get(kind, 0) + n

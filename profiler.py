@@ -30,7 +30,7 @@ import sys
 import numpy as np
 import torch
 
-from lora import TARGETS, lora_modules
+from lora import TARGETS, layer_of, lora_modules
 
 PROFILE_FILE, SUMMARY_FILE = "profile.safetensors", "profile_summary.json"
 
@@ -50,7 +50,7 @@ class GradientProfiler:
         self.modules, slots = [], []
         M = len(self.kinds)
         for path, m in lora_modules(self.model).items():
-            layer, kind = int(path.split(".")[2]), path.rsplit(".", 1)[-1]
+            layer, kind = layer_of(path), path.rsplit(".", 1)[-1]
             self.modules.append(m)
             slots.append(layer * M + self.kinds.index(kind))
         self.slots = torch.tensor(slots, dtype=torch.long)
@@ -83,16 +83,20 @@ class GradientProfiler:
         return {"grad_norms": stack(self.grad_norms, (L, M, 2), np.float32),
                 "ranks": stack(self.ranks, (L, M), np.int32), "scales": stack(self.scales, (L, M), np.float32)}
 
+    def profile(self) -> "Profile":
+        """The history so far, as the analysis functions take it."""
+        return Profile(**self.arrays(), kinds=self.kinds)
+
     def save(self, run_dir: str):
         """profile.safetensors (the whole history, so a resumed run appends) and a summary, atomically."""
         from safetensors.numpy import save_file
-        arrays = self.arrays()
+        p = self.profile()
         meta = {"modules": json.dumps(self.kinds), "layers": str(self.num_layers)}
         tmp = os.path.join(run_dir, PROFILE_FILE + ".tmp")
-        save_file(arrays, tmp, metadata=meta)
+        save_file({"grad_norms": p.grad_norms, "ranks": p.ranks, "scales": p.scales}, tmp, metadata=meta)
         os.replace(tmp, os.path.join(run_dir, PROFILE_FILE))
         if len(self):
-            atomic_json(os.path.join(run_dir, SUMMARY_FILE), summary(Profile(**arrays, kinds=self.kinds)))
+            atomic_json(os.path.join(run_dir, SUMMARY_FILE), summary(p))
 
     def load(self, run_dir: str):
         """Continue from a saved history (resume)."""

@@ -292,10 +292,8 @@ class Run:
             pattern, self.rank_info = resolve_ranks(cfg, self.model.config.num_hidden_layers)
             capacity = None
             if cfg.strategy == "dynamic":  # room to grow to r_max without changing shapes
-                budget = self.rank_info["budget"]
-                L = self.model.config.num_hidden_layers
-                self.bounds = (cfg.r_min or round(allocate.BOUNDS["proportional"][0] * budget / L),
-                               cfg.r_max or round(allocate.BOUNDS["proportional"][1] * budget / L))
+                self.bounds = allocate.bounds("proportional", self.model.config.num_hidden_layers,
+                                              self.rank_info["budget"], cfg.r_min, cfg.r_max)
                 capacity = self.bounds[1]
             seed_everything(cfg.seed)  # LoRA's init draws from here: the same A whatever ran before
             try:
