@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from dataclasses import dataclass, fields
 
 import torch
@@ -89,26 +90,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 so bf16 activations do not lose the small variances. (Written out:
-        # on the CPU these plain ops run forward + backward faster than the fused F.rms_norm.)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # x / sqrt(mean(x^2) + eps) in float32, so bf16 activations do not lose the small variances; the
+        # weight multiplies after rounding back, as in HF (F.rms_norm equals the written-out formula bit
+        # for bit in float32, in one op instead of five).
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables [B, T, head_dim] for integer positions [B, T] (HF's rotate-half layout)."""
+    """cos and signed sin tables [B, T, head_dim] for integer positions [B, T] (HF's rotate-half layout).
+
+    The sin table carries rotate-half's sign, [-sin, sin], so that apply_rope needs one roll instead of
+    chunk + neg + cat; -x2*sin and x2*(-sin) are the same float, so the result is bit-identical to HF's.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return torch.cat([freqs, freqs], dim=-1).cos().to(dtype), torch.cat([-freqs.sin(), freqs.sin()], dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, hd] by the tables [B, T, hd]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    """Rotate x [B, H, T, hd] by the tables [B, 1, T, hd]: x*cos + rotate_half(x)*sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
@@ -127,11 +129,16 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.write(layer, k, v)  # (B, nkv, S, hd): everything cached so far
-        # GQA: SDPA's enable_gqa shares each KV head across n_head / n_kv query heads without a copy.
-        # bias: (B, 1, T, S) additive mask, or None for plain causal attention without padding
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None,
-                                           enable_gqa=self.n_kv != self.n_head)
+            k, v = cache.write(layer, k, v)  # (B, nkv, max_len, hd): the whole cache, masked by bias
+        # bias: (B, 1, T, S) additive mask, or None for plain causal attention without padding or cache
+        if cache is not None and T == 1:
+            # Decoding, one query per row: the g = n_head / n_kv query heads of a KV head become g queries
+            # of that head (same keys, same mask), so each cached key is read once per KV head, not g times.
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv, -1, self.hd), k, v, attn_mask=bias)
+            y = y.view(B, self.n_head, T, self.hd)
+        else:  # GQA: SDPA's enable_gqa shares each KV head across n_head / n_kv query heads without a copy
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None,
+                                               enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -199,34 +206,15 @@ class Qwen2(nn.Module):
         B, T = input_ids.shape
         mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.to(torch.bool))
-        if cache is None:
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-            valid = mask
-            past = 0
-        else:
-            positions, valid = cache.append_mask(mask)  # valid: (B, S) over all cached positions
-            past = cache.pos - T
-        if attention_mask is None and cache is None:  # no padding: plain causal attention, no mask tensor
-            allowed = None
-        elif T == 1 and cache is not None:  # a decode step: the newest token sees every real cached token
-            allowed = valid[:, None, None, :]  # (B, 1, 1, S)
-        else:
-            # allowed[b, 0, i, j]: query i (absolute past+i) may see key j. Causal, not padding, and always
-            # itself, so a padding query never has an all-masked row (its output is ignored anyway).
-            S = valid.shape[1]
-            q_idx = torch.arange(past, past + T, device=input_ids.device)[:, None]
-            k_idx = torch.arange(S, device=input_ids.device)[None, :]
-            allowed = (k_idx <= q_idx)[None] & valid[:, None, :]
-            allowed = (allowed | (k_idx == q_idx)[None])[:, None]  # (B, 1, T, S)
-
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        bias = None  # additive form of `allowed`: SDPA's CPU kernel takes it faster than a boolean mask
-        if allowed is not None:
-            bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
-        if cache is None:
+        if cache is not None:  # positions and the additive mask (B, 1, T, max_len) come from the cache
+            positions, bias = cache.append(mask)
+            cos, sin = cache.rope[positions].unbind(2)  # looked up in the table it computed once
+        else:
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
             cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        else:  # looked up in the table the cache computed once
-            cos, sin = cache.cos[positions], cache.sin[positions]
+            bias = None if attention_mask is None else padded_causal_bias(mask, x.dtype)  # None: plain causal
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): broadcast over heads
         for i, block in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, cos, sin, bias, None, i, use_reentrant=False)
@@ -240,51 +228,87 @@ class Qwen2(nn.Module):
 # ------------------------------------------------------------------------------------- KV cache
 
 class KVCache:
-    """Preallocated keys/values [B, n_kv, max_len, hd] per layer, written by position.
+    """Preallocated keys/values [B, n_kv, max_len, hd] per layer, written by slot and read whole.
 
-    `pos` is the number of positions written (the same for every row: prompts are left-padded);
-    `valid` [B, max_len] marks which of them are real tokens and `seen` [B] counts them, which gives
-    the next rotary position of each row.
+    Every step sees tensors of the same shapes: attention runs over all max_len slots, and `bias`
+    [B, 1, 1, max_len] (0 for real tokens, -inf for left padding and for slots not written yet) hides
+    the ones that do not count. With `pos`, the number of slots written, kept on the device rather than
+    as a Python int, a decode step compiles once and can be captured as a CUDA graph. Prompts are
+    left-padded, so every row writes the same slot; `seen` [B] counts each row's real tokens, which
+    gives its next rotary position.
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.valid = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
+        self.bias = torch.full((batch, 1, 1, max_len), float("-inf"), device=device, dtype=dtype)
         self.seen = torch.zeros(batch, device=device, dtype=torch.long)
-        positions = torch.arange(max_len, device=device)[None]
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)
-        self.cos, self.sin = cos[0], sin[0]  # (max_len, hd)
+        self.pos = torch.zeros((), device=device, dtype=torch.long)
+        self.arange = torch.arange(max_len, device=device)
+        cos, sin = rope_cos_sin(self.arange[None], cfg.head_dim, cfg.rope_theta, dtype)
+        self.rope = torch.stack([cos[0], sin[0]], dim=1)  # (max_len, 2, hd): one lookup a step for both
+        self.mask_bias = torch.tensor([float("-inf"), 0.0], device=device, dtype=dtype)  # [mask] -> additive bias
         self.max_len = max_len
-        self.pos = 0
+        self.filled = 0  # pos on the host, for the overflow check only
+        self.slots = None  # (T,) the slots of the tokens being appended
 
-    def append_mask(self, mask: torch.Tensor):
-        """Register T new tokens; returns their positions [B, T] and the validity of all keys [B, pos]."""
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.k, *self.v, self.bias, self.seen, self.pos]
+
+    def append(self, mask: torch.Tensor):
+        """Register T new tokens (mask [B, T]); returns their positions [B, T] and attention bias [B, 1, T, max_len]."""
         T = mask.shape[1]
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache full: {self.pos} + {T} tokens > max_len {self.max_len}")
-        positions = self.seen[:, None] + mask.long().cumsum(-1) - 1
-        self.valid[:, self.pos:self.pos + T] = mask
-        self.seen += mask.long().sum(-1)
+        if not torch.compiler.is_compiling():  # a compiled step must neither sync on nor specialise to it
+            if self.filled + T > self.max_len:
+                raise ValueError(f"KV cache full: {self.filled} + {T} tokens > max_len {self.max_len}")
+            self.filled += T
+        self.slots = self.pos + self.arange[:T]  # (T,)
+        m = mask.long()
+        positions = self.seen[:, None] + m.cumsum(-1) - m  # padding gets its next real token's position
+        self.seen += m.sum(-1)
+        self.bias.view(self.bias.shape[0], -1).index_copy_(1, self.slots, self.mask_bias[m])  # 0 or -inf
         self.pos += T
-        return positions.clamp(min=0), self.valid[:, :self.pos]
+        # Eager code attends over the slots written so far; a compiled step over all of them (static shapes).
+        self.used = self.max_len if torch.compiler.is_compiling() else self.filled
+        if T == 1:  # a decode step: the newest token sees every real token so far, itself included
+            return positions, self.bias[..., :self.used]
+        # Query i sees the real keys up to its own slot, and always itself, so that a padding query has no
+        # all-masked row (its output is ignored anyway).
+        keys = self.arange[None, :self.used]
+        bias = self.bias[..., :self.used].masked_fill(keys > self.slots[:, None], float("-inf"))  # (B, 1, T, used)
+        return positions, bias.masked_fill(keys == self.slots[:, None], 0.0)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store the new keys/values at their positions; return all keys/values so far."""
-        T = k.shape[2]
-        start = self.pos - T
-        self.k[layer][:, :, start:self.pos] = k
-        self.v[layer][:, :, start:self.pos] = v
-        return self.k[layer][:, :, :self.pos], self.v[layer][:, :, :self.pos]
+        """Store the new keys/values [B, n_kv, T, hd] in their slots; return the whole cache of this layer."""
+        self.k[layer].index_copy_(2, self.slots, k)
+        self.v[layer].index_copy_(2, self.slots, v)
+        return self.k[layer][:, :, :self.used], self.v[layer][:, :, :self.used]
 
-    def repeat_rows(self, n: int) -> "KVCache":
-        """Each row repeated n times in place (row i -> rows i*n .. i*n+n-1): prefill once, sample n."""
-        self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
-        self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
-        self.valid = self.valid.repeat_interleave(n, dim=0)
-        self.seen = self.seen.repeat_interleave(n, dim=0)
+    def fill_from(self, other: "KVCache", n: int) -> "KVCache":
+        """Become `other` with each row repeated n times (row i -> rows i*n .. i*n+n-1): prefill once, sample n.
+
+        Copies into this cache's own tensors, which stay where they are, as a captured CUDA graph needs.
+        """
+        def rows(t):  # (B*n, ...) viewed as (B, n, ...): the source broadcasts over n without a copy
+            return t.view(other.seen.shape[0], n, *t.shape[1:])
+        for dst, src in zip(self.tensors()[:-1], other.tensors()[:-1]):
+            rows(dst).copy_(src[:, None])
+        self.pos.copy_(other.pos)
+        self.filled = other.filled
         return self
+
+
+def padded_causal_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask [B, 1, T, T] for left-padded rows (mask [B, T]): causal, padding hidden.
+
+    Each query always sees itself, so a padding query has no all-masked row. (SDPA's CPU kernel takes an
+    additive mask faster than a boolean one.)
+    """
+    T = mask.shape[1]
+    idx = torch.arange(T, device=mask.device)
+    allowed = (idx[None, :] <= idx[:, None]) & mask[:, None, :] | (idx[None, :] == idx[:, None])  # (B, T, T)
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(~allowed, float("-inf"))[:, None]
 
 
 # ------------------------------------------------------------------------------------- log-probs
@@ -453,7 +477,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     """
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -462,48 +486,87 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    # argmax(p / E) with E ~ Exp(1) draws from p without a host sync (unlike torch.multinomial);
-    # E = -log U, since on the CPU torch.rand is several times faster than Tensor.exponential_.
-    offset, total = noise_rows or (0, probs.shape[0])
-    noise = torch.rand((total, probs.shape[1]), generator=generator, device=probs.device)
-    noise = noise[offset:offset + probs.shape[0]].log_().neg_()
-    return (probs / noise).argmax(-1)
+    # Inverse-CDF sampling: token i owns [cdf[i-1], cdf[i]) of [0, 1) and one uniform per row picks one,
+    # with no host sync (unlike torch.multinomial) and one random number per row rather than one per
+    # vocabulary entry. float64 keeps the intervals exact down to probabilities of ~1e-16 over a 152k
+    # vocabulary; dividing by the last entry makes it exactly 1 (x / x), so a draw in [0, 1) always lands
+    # on a token, and a filtered-out token owns an empty interval and is never picked.
+    cdf = probs.double().cumsum(-1)  # (N, V)
+    cdf = cdf / cdf[:, -1:]
+    offset, rows = noise_rows or (0, probs.shape[0])
+    u = torch.rand((rows, 1), generator=generator, device=probs.device, dtype=torch.float64)
+    u = u[offset:offset + probs.shape[0]]
+    return torch.searchsorted(cdf, u, right=True)[:, 0]
 
 
 def generate(model: Qwen2, prompts: list[list[int]], max_new_tokens: int, stop_ids, pad_id: int,
              num_samples: int = 1, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None,
-             stop_check_every: int | None = None, noise_rows: tuple[int, int] | None = None):
+             stop_check_every: int | None = None, noise_rows: tuple[int, int] | None = None,
+             compile: bool = False):
     """Sample `num_samples` completions of each prompt with a KV cache.
 
     Returns (tokens [B*n, T_new], mask [B*n, T_new]): row i*n+j is sample j of prompt i; the mask is 1
-    up to and including the first stop token, 0 after it (those positions hold pad_id).
+    up to and including the first stop token, 0 after it (those positions hold pad_id). compile=True
+    runs the decode step through torch.compile (as a CUDA graph on a GPU): the same tokens, faster
+    once compiled, which takes seconds per new batch size or length bucket.
     """
     # inference_mode skips autograd's bookkeeping on every op; its tensors cannot enter a backward
     # later (GRPO trains on these tokens), so the results are cloned outside it.
     with torch.inference_mode():
         out, mask = _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, temperature, top_k,
-                              top_p, generator, stop_check_every, noise_rows)
+                              top_p, generator, stop_check_every, noise_rows, compile)
     return out.clone(), mask.clone()
 
 
+def decode_step(model: Qwen2, tok: torch.Tensor, real: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Logits [N, V] after one new token per row (tok [N]; real [N] False for rows that have finished)."""
+    return model(tok[:, None], real[:, None], cache=cache)[:, -1]
+
+
+_COMPILED: "weakref.WeakKeyDictionary[Qwen2, tuple]" = weakref.WeakKeyDictionary()
+
+
+def compiled_decoder(model: Qwen2, rows: int, max_len: int, device, dtype):
+    """(compiled decode_step, its KV cache), kept per model and reused while the shapes fit.
+
+    A CUDA graph replays fixed addresses, so the cache must outlive one generate call; lengths are
+    rounded up to a multiple of 128 so that varying prompt lengths share a handful of graphs.
+    """
+    max_len = -(-max_len // 64) * 64
+    step, cache = _COMPILED.get(model, (None, None))
+    if cache is None or cache.seen.shape[0] != rows or cache.max_len != max_len or cache.bias.dtype != dtype \
+            or cache.bias.device != torch.device(device):
+        cache = KVCache(model.config, rows, max_len, device, dtype)
+        for t in cache.tensors():  # static inputs of the graph, updated in place
+            torch._dynamo.mark_static_address(t)
+        step = step or torch.compile(decode_step, fullgraph=True, dynamic=False,
+                                     mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
+        _COMPILED[model] = (step, cache)
+    return step, cache
+
+
 def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, temperature, top_k, top_p, generator,
-              stop_check_every, noise_rows):
+              stop_check_every, noise_rows, compile):
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     ids, mask = left_pad(prompts, pad_id, device)
     B, T0 = ids.shape
+    N = B * num_samples
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if T0 + max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"prompt of {T0} tokens + {max_new_tokens} new tokens exceeds the context "
                          f"({model.config.max_position_embeddings})")
-    cache = KVCache(model.config, B, T0 + max_new_tokens, device, dtype)
-    logits = model(ids, mask, cache=cache, num_logits=1)[:, -1]  # prefill each prompt once: (B, V)
-    if num_samples > 1:
-        cache.repeat_rows(num_samples)
-        logits = logits.repeat_interleave(num_samples, dim=0)
-    N = B * num_samples
+    if compile:
+        step, cache = compiled_decoder(model, N, T0 + max_new_tokens, device, dtype)
+    else:
+        step, cache = decode_step, KVCache(model.config, N, T0 + max_new_tokens, device, dtype)
+    prefill = KVCache(model.config, B, cache.max_len, device, dtype)
+    logits = model(ids, mask, cache=prefill, num_logits=1)[:, -1]  # prefill each prompt once: (B, V)
+    cache.fill_from(prefill, num_samples)  # ... and copy its cache into its n sample rows
+    del prefill
+    logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
@@ -516,7 +579,9 @@ def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, tem
         done = done | torch.isin(tok, stops)
         if t + 1 == max_new_tokens or ((t + 1) % every == 0 and bool(done.all())):
             break
-        logits = model(tok[:, None], real[:, None].long(), cache=cache)[:, -1]
+        if compile:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+        logits = step(model, tok, real, cache)
     out = out[:, :t + 1]
     # mask: real tokens up to and including the first stop
     is_stop = torch.isin(out, stops)
