@@ -56,6 +56,7 @@ class GRPOConfig:
     micro_batch: int = 4  # sequences per forward/backward
     max_grad_norm: float = 1.0
     merge_for_sampling: bool = True
+    compile_decode: bool = False  # torch.compile the decode step (a CUDA graph on a GPU)
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -131,7 +132,8 @@ def rollout(model, tokenizer, prompts: list[list[int]], examples: list, reward_f
     n = len(prompts) * cfg.num_generations  # data parallel: rows n*rank.. of the global batch
     sample = dict(max_new_tokens=cfg.max_new_tokens, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
                   num_samples=cfg.num_generations, temperature=cfg.temperature, top_k=cfg.top_k,
-                  top_p=cfg.top_p, generator=generator, noise_rows=(parallel.rank() * n, parallel.world() * n))
+                  top_p=cfg.top_p, generator=generator, noise_rows=(parallel.rank() * n, parallel.world() * n),
+                  compile=cfg.compile_decode)
     if cfg.merge_for_sampling:
         with lora.merged(model):
             out, cmask = generate(model, prompts, **sample)

@@ -242,7 +242,7 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float
 @torch.no_grad()
 def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int = 512,
              batch_size: int = 32, temperature: float = 0.0, seed: int = 0, records_path: str | None = None,
-             log=None) -> dict:
+             log=None, compile: bool = False) -> dict:
     """Accuracy (strict, with a Wilson interval, and lenient), format rate and lengths over `examples`.
 
     Greedy by default (temperature 0). Writes one jsonl record per problem to `records_path` (atomically) for audit.
@@ -253,7 +253,7 @@ def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int = 51
         batch = examples[start:start + batch_size]
         prompts = [tokenizer.encode(prompt_text(ex.question, tokenizer.chat)) for ex in batch]
         out, mask = generate(model, prompts, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id,
-                             temperature=temperature, generator=gen)
+                             temperature=temperature, generator=gen, compile=compile)
         for ex, ids, m in zip(batch, out.tolist(), mask.sum(-1).tolist()):
             text = tokenizer.decode(ids[:m])
             parsed, lenient = extract_answer(text), lenient_answer(text)

@@ -95,17 +95,20 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """Fold B·A into a new base weight; the original is kept so unmerge restores it bit for bit."""
+        """Fold B·A into the base weight; a copy of the original is kept so unmerge restores it bit for bit.
+
+        In place, so the weight keeps its address: a decode step captured as a CUDA graph reads it there.
+        """
         if self.merged:
             return
         w = self.base_layer.weight
-        self._unmerged_weight = w.data
-        w.data = (w.data.float() + self.delta_weight()).to(w.dtype)
+        self._unmerged_weight = w.detach().clone()
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self.base_layer.weight.data = self._unmerged_weight
+            self.base_layer.weight.copy_(self._unmerged_weight)
             self._unmerged_weight = None
 
     @torch.no_grad()

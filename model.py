@@ -531,9 +531,10 @@ def compiled_decoder(model: Qwen2, rows: int, max_len: int, device, dtype):
     """(compiled decode_step, its KV cache), kept per model and reused while the shapes fit.
 
     A CUDA graph replays fixed addresses, so the cache must outlive one generate call; lengths are
-    rounded up to a multiple of 128 so that varying prompt lengths share a handful of graphs.
+    rounded up to a multiple of 256 so that varying prompt lengths share a handful of graphs (each
+    new shape compiles once, and torch.compile keeps at most 8 of them).
     """
-    max_len = -(-max_len // 64) * 64
+    max_len = -(-max_len // 256) * 256
     step, cache = _COMPILED.get(model, (None, None))
     if cache is None or cache.seen.shape[0] != rows or cache.max_len != max_len or cache.bias.dtype != dtype \
             or cache.bias.device != torch.device(device):

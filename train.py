@@ -103,6 +103,7 @@ class TrainConfig:
     mask_truncated: bool = opt(False, "exclude completions that hit max_new_tokens from the loss")
     micro_batch: int = opt(4, "sequences per forward/backward (lower it on out-of-memory)")
     grad_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% slower)")
+    compile: str = opt("auto", "torch.compile the decode step: auto (on with CUDA, as a CUDA graph) | on | off")
     max_grad_norm: float = opt(1.0, "gradient-norm clip (0: off)")
     reward_correct: float = opt(1.0, "weight of the correctness reward")
     reward_format: float = opt(0.5, "weight of the format reward")
@@ -176,6 +177,8 @@ def check(cfg: TrainConfig):
         raise SystemExit(f"error: --loss-type {cfg.loss_type!r} unknown; allowed: {grpo.LOSS_TYPES}")
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise SystemExit(f"error: --lr-schedule {cfg.lr_schedule!r} unknown; allowed: constant, cosine")
+    if cfg.compile not in ("auto", "on", "off"):
+        raise SystemExit(f"error: --compile {cfg.compile!r} unknown; allowed: auto, on, off")
 
 
 def log(msg: str):
@@ -306,11 +309,12 @@ class Run:
             self.opt = grpo.make_optimizer(self.model, cfg.lr, cfg.weight_decay)
             self.sched = grpo.make_scheduler(self.opt, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
             self.profiler = GradientProfiler(self.model)
+        self.compile = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda")
         self.grpo_cfg = grpo.GRPOConfig(
             num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             top_p=cfg.top_p, beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_type=cfg.loss_type,
             scale_rewards=cfg.scale_rewards, num_iterations=cfg.num_iterations, mask_truncated=cfg.mask_truncated,
-            micro_batch=cfg.micro_batch, max_grad_norm=cfg.max_grad_norm)
+            micro_batch=cfg.micro_batch, max_grad_norm=cfg.max_grad_norm, compile_decode=self.compile)
         self.dynamic_cfg = dynamic.DynamicConfig(cfg.dynamic_every, cfg.dynamic_t_init, cfg.dynamic_t_final,
                                                  cfg.dynamic_window, cfg.dynamic_normalised)
         self.rewards = {"correct": lambda text, ex: gsm8k.correct_reward(text, ex.gold),
@@ -375,7 +379,8 @@ class Run:
         cfg = self.cfg
         mine = examples[parallel.rank()::parallel.world()]
         with lora.merged(self.model) if self.ranks else contextlib.nullcontext():
-            local = gsm8k.evaluate(self.model, self.tok, mine, cfg.eval_max_new_tokens, cfg.eval_batch)["records"]
+            local = gsm8k.evaluate(self.model, self.tok, mine, cfg.eval_max_new_tokens, cfg.eval_batch,
+                                   compile=self.compile)["records"]
         records = sorted((r for part in parallel.gather(local) for r in part), key=lambda r: r["index"])
         path = os.path.join(self.dir, f"eval_{name}.jsonl") if parallel.is_main() else None
         res = gsm8k.summarise(records, path)

@@ -174,8 +174,11 @@ def test_merge_unmerge_and_disable_round_trip(tmp_path):
         assert (adapted - plain).abs().max() > 1e-3  # the adapter does something
         with L.disable_adapters(ours):
             assert torch.equal(ours(ids), plain)
+        addresses = [m.base_layer.weight.data_ptr() for m in L.lora_modules(ours).values()]
         with L.merged(ours):
             assert (ours(ids) - adapted).abs().max() <= 1e-5 * adapted.abs().max()  # fp32 rounding
+            # merged in place: a captured CUDA graph keeps reading the right weights
+            assert [m.base_layer.weight.data_ptr() for m in L.lora_modules(ours).values()] == addresses
             with pytest.raises(RuntimeError, match="unmerge"):
                 with L.disable_adapters(ours):
                     pass

@@ -241,3 +241,47 @@ def test_fast_sampling_paths_equal_the_plain_ones(hf_pair):
     with L.merged(ours):
         fast = M.generate(ours, prompts, 10, stop_ids=[1], pad_id=0)
     assert torch.equal(plain[0], fast[0])
+
+
+def test_sampling_draws_from_the_softmax():
+    """Inverse-CDF sampling: frequencies match softmax(logits / T), filtered tokens never appear."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0])
+    n = 40000
+    g = torch.Generator().manual_seed(0)
+    for temperature, top_k in ((1.0, None), (0.7, 4)):
+        p = (logits / temperature).softmax(-1)
+        if top_k:
+            p[top_k:] = 0
+            p /= p.sum()
+        draws = M.sample_next(logits.repeat(n, 1), temperature, top_k, None, g)
+        freq = torch.bincount(draws, minlength=len(logits)).double() / n
+        sigma = (p * (1 - p) / n).sqrt()
+        assert ((freq - p).abs() <= 5 * sigma + 1e-12).all(), (freq, p)
+        if top_k:
+            assert freq[top_k:].sum() == 0
+
+
+def test_noise_rows_give_each_row_its_single_process_draw():
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
+    whole = M.sample_next(logits, 1.0, None, None, torch.Generator().manual_seed(3))
+    half = M.sample_next(logits[4:], 1.0, None, None, torch.Generator().manual_seed(3), noise_rows=(4, 8))
+    assert torch.equal(whole[4:], half)
+
+
+def test_compiled_decode_step_equals_eager(hf_pair):
+    """generate(compile=True): one graph without breaks (fullgraph), the same tokens as eager, and weights
+    changed in place (merged LoRA) are read, not baked in."""
+    import lora as L
+    _, folder = hf_pair
+    ours = M.from_pretrained(folder)
+    L.apply_lora(ours, r=4)
+    g = lambda: torch.Generator().manual_seed(5)
+    for step, prompts in enumerate(([[5, 9, 2, 7], [8, 4, 6]], [[3, 1, 4, 1, 5, 9, 2], [6, 5]])):
+        with torch.no_grad():
+            for p in L.lora_parameters(ours):
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(step))
+        with L.merged(ours):
+            kw = dict(stop_ids=[1], pad_id=0, num_samples=3, temperature=1.0)
+            eager = M.generate(ours, prompts, 12, generator=g(), **kw)
+            compiled = M.generate(ours, prompts, 12, generator=g(), compile=True, **kw)
+        assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])

@@ -97,6 +97,7 @@ def test_clear_errors(tmp_path):
     cases = [
         (["--preset", "tiny", "--strategy", "adaptive"], "unknown; allowed: base, uniform"),
         (["--preset", "tiny", "--algo", "ppo"], "--algo 'ppo' unknown"),
+        (["--preset", "tiny", "--compile", "yes"], "--compile 'yes' unknown; allowed: auto, on, off"),
         (["--preset", "tiny", "--seeds", "0,x"], "expected comma-separated integers"),
         (["--preset", "tiny", "--strategy", "proportional"], "Run `python train.py --preset tiny --strategy uniform`"),
         (["--preset", "tiny", "--rank-pattern", "missing.json"], "missing.json"),
@@ -200,3 +201,17 @@ def test_every_command_line_prints_its_help():
     p = subprocess.run([sys.executable, TRAIN, "--help"], capture_output=True, text=True, timeout=120)
     for flag in ("--strategy", "--algo", "--seeds", "--config", "--resume", "--dynamic-every", "--stop-after"):
         assert flag in p.stdout
+
+
+def test_compiled_decoding_trains_identically(tmp_path):
+    """--compile on (the default on CUDA) samples and evaluates exactly as eager decoding does."""
+    from safetensors.torch import load_file
+    args = ["--preset", "tiny", "--steps", "3", "--eval-n", "8", "--eval-every", "0"]
+    run([*args, "--compile", "off", "--out", "runs/eager"], tmp_path)
+    run([*args, "--compile", "on", "--out", "runs/compiled"], tmp_path)
+    a = load_file(tmp_path / "runs/eager/adapter/adapter_model.safetensors")
+    b = load_file(tmp_path / "runs/compiled/adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ea = [json.loads(line)["completion"] for line in open(tmp_path / "runs/eager/eval_final.jsonl")]
+    eb = [json.loads(line)["completion"] for line in open(tmp_path / "runs/compiled/eval_final.jsonl")]
+    assert ea == eb
