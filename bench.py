@@ -8,7 +8,8 @@ tests only, never by the product.
 
     python bench.py [--shape tiny|0.5b|1.5b] [--device cpu|cuda] [--dtype fp32|bf16] [--json FILE]
 
-Reported: sampling_speedup (our tokens/s over transformers' generate), learn_speedup (PEFT's seconds
+Reported: sampling_speedup (our tokens/s over transformers' generate, with the product's default decode:
+compiled on CUDA, eager on the CPU; both are in the "sampling" section), learn_speedup (PEFT's seconds
 over ours), learn_peak_mem_ratio (our peak memory over PEFT's), profiler_overhead (the profiler's
 record() as a fraction of the learn step), grpo_step_speedup_vs_trl (tiny shape, when trl is
 installed), and on CUDA the decode's achieved memory bandwidth and the learn step's MFU.
@@ -82,34 +83,51 @@ def build(shape: str, device, dtype, folder: str):
 # ------------------------------------------------------------------------------------------ sampling
 
 def bench_sampling(hf, ours, args, device) -> dict:
-    """4 prompts x 4 samples, fixed prompt and completion lengths (no stop token), tokens/s."""
+    """4 prompts x 4 samples, fixed prompt and completion lengths (no stop token), tokens/s.
+
+    Ours runs eagerly and with the compiled decode step (generate(compile=True): a CUDA graph on a GPU,
+    inductor's C++ on the CPU); `speedup` is the product's default, compiled on CUDA and eager on the
+    CPU (train.py --compile auto). Each is also timed for a single new token, so that the difference
+    gives the time of one decode step alone, without the prefill.
+    """
     V = ours.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, V, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
     ids = torch.tensor(prompts, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def ours_fn():
-        M.generate(ours, prompts, args.new_tokens, stop_ids=[], pad_id=0, num_samples=args.samples,
-                   temperature=1.0, generator=gen)
+    def ours_fn(n, compile):
+        return lambda: M.generate(ours, prompts, n, stop_ids=[], pad_id=0, num_samples=args.samples,
+                                  temperature=1.0, generator=gen, compile=compile)
 
-    def hf_fn():
-        with torch.no_grad():
-            hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, num_return_sequences=args.samples,
-                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_token_id=None,
-                        pad_token_id=0, use_cache=True, top_k=0, top_p=1.0, temperature=1.0)
+    def hf_fn(n):
+        def f():
+            with torch.no_grad():
+                hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, num_return_sequences=args.samples,
+                            max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0, use_cache=True,
+                            top_k=0, top_p=1.0, temperature=1.0)
+        return f
 
-    t = interleaved({"ours": ours_fn, "transformers": hf_fn}, args.repeats, device)
-    tokens = args.prompts * args.samples * args.new_tokens
-    out = {"ours_tok_s": tokens / t["ours"], "transformers_tok_s": tokens / t["transformers"],
-           "ours_s": t["ours"], "transformers_s": t["transformers"]}
-    out["speedup"] = out["ours_tok_s"] / out["transformers_tok_s"]
-    if device.type == "cuda":  # every decode step reads all weights once: bandwidth = bytes x steps/s
+    n = args.new_tokens
+    fns = {"eager": ours_fn(n, False), "compiled": ours_fn(n, True), "transformers": hf_fn(n),
+           "eager_1": ours_fn(1, False), "compiled_1": ours_fn(1, True), "transformers_1": hf_fn(1)}
+    t = interleaved(fns, args.repeats, device)
+    tokens = args.prompts * args.samples * n
+    out = {f"{k}_tok_s": tokens / t[k] for k in ("eager", "compiled", "transformers")}
+    out.update({f"{k}_s": t[k] for k in fns})
+    out.update({f"{k}_decode_step_s": (t[k] - t[k + "_1"]) / (n - 1) for k in ("eager", "compiled", "transformers")})
+    out["speedup_eager"] = t["transformers"] / t["eager"]
+    out["speedup_compiled"] = t["transformers"] / t["compiled"]
+    out["default"] = "compiled" if device.type == "cuda" else "eager"
+    out["speedup"] = out["speedup_" + out["default"]]
+    out["ours_tok_s"] = out[out["default"] + "_tok_s"]
+    if device.type == "cuda":  # a decode step reads every weight once: bandwidth = weight bytes / step time
         weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-        out["decode_bandwidth_GBs"] = weight_bytes * args.new_tokens / t["ours"] / 1e9
+        step = out["compiled_decode_step_s"]
+        out["decode_bandwidth_GBs"] = weight_bytes / step / 1e9
         peak = next((v for k, v in PEAK.items() if k in torch.cuda.get_device_name()), None)
         if peak:
-            out["bandwidth_fraction_of_peak"] = out["decode_bandwidth_GBs"] * 1e9 / peak[0]
+            out["bandwidth_fraction_of_peak"] = weight_bytes / step / peak[0]
     return out
 
 
@@ -362,8 +380,15 @@ def main(argv=None):
     if "sampling" not in args.skip:
         s = bench_sampling(hf, ours, args, device)
         result["sampling"], result["sampling_speedup"] = s, s["speedup"]
-        print(f"sampling  ours {s['ours_tok_s']:9.1f} tok/s   transformers {s['transformers_tok_s']:9.1f} tok/s"
-              f"   x{s['speedup']:.2f}", flush=True)
+        print(f"sampling  ours {s['eager_tok_s']:9.1f} tok/s eager, {s['compiled_tok_s']:9.1f} compiled   "
+              f"transformers {s['transformers_tok_s']:9.1f} tok/s   x{s['speedup_eager']:.2f} eager, "
+              f"x{s['speedup_compiled']:.2f} compiled", flush=True)
+        print(f"decode    one step: ours {1e3 * s['eager_decode_step_s']:.3f} ms eager, "
+              f"{1e3 * s['compiled_decode_step_s']:.3f} ms compiled   transformers "
+              f"{1e3 * s['transformers_decode_step_s']:.3f} ms", flush=True)
+        if "decode_bandwidth_GBs" in s:
+            print(f"bandwidth {s['decode_bandwidth_GBs']:.0f} GB/s = "
+                  f"{100 * s.get('bandwidth_fraction_of_peak', float('nan')):.0f}% of peak", flush=True)
     if "learn" not in args.skip:
         lr = bench_learn(hf, ours, args, device)
         result["learn"], result["learn_speedup"] = lr, lr["speedup"]

@@ -207,7 +207,7 @@ class Qwen2(nn.Module):
         mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.to(torch.bool))
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        if cache is not None:  # positions and the additive mask (B, 1, T, max_len) come from the cache
+        if cache is not None:  # positions and the additive mask (B, 1, T, S) come from the cache
             positions, bias = cache.append(mask)
             cos, sin = cache.rope[positions].unbind(2)  # looked up in the table it computed once
         else:
@@ -230,12 +230,12 @@ class Qwen2(nn.Module):
 class KVCache:
     """Preallocated keys/values [B, n_kv, max_len, hd] per layer, written by slot and read whole.
 
-    Every step sees tensors of the same shapes: attention runs over all max_len slots, and `bias`
-    [B, 1, 1, max_len] (0 for real tokens, -inf for left padding and for slots not written yet) hides
-    the ones that do not count. With `pos`, the number of slots written, kept on the device rather than
-    as a Python int, a decode step compiles once and can be captured as a CUDA graph. Prompts are
-    left-padded, so every row writes the same slot; `seen` [B] counts each row's real tokens, which
-    gives its next rotary position.
+    `bias` [B, 1, 1, max_len] is 0 for real tokens and -inf for left padding and for slots not written
+    yet. Prompts are left-padded, so every row writes the same slot; `pos`, the number of slots written,
+    lives on the device, and `seen` [B] counts each row's real tokens, which gives its next rotary
+    position. Eager code attends over the slots written so far (`filled`, the host's copy of pos); a
+    compiled step attends over all max_len slots, masked by `bias`, so that every step has the same
+    shapes and none reads a host number: it compiles once and can be captured as a CUDA graph.
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
@@ -250,16 +250,17 @@ class KVCache:
         self.rope = torch.stack([cos[0], sin[0]], dim=1)  # (max_len, 2, hd): one lookup a step for both
         self.mask_bias = torch.tensor([float("-inf"), 0.0], device=device, dtype=dtype)  # [mask] -> additive bias
         self.max_len = max_len
-        self.filled = 0  # pos on the host, for the overflow check only
+        self.filled = 0  # pos on the host (eager code only: a compiled step never reads it)
+        self.used = 0  # the slots attention reads: filled (eager) or max_len (compiled)
         self.slots = None  # (T,) the slots of the tokens being appended
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.k, *self.v, self.bias, self.seen, self.pos]
 
     def append(self, mask: torch.Tensor):
-        """Register T new tokens (mask [B, T]); returns their positions [B, T] and attention bias [B, 1, T, max_len]."""
+        """Register T new tokens (mask [B, T]); returns their positions [B, T] and attention bias [B, 1, T, used]."""
         T = mask.shape[1]
-        if not torch.compiler.is_compiling():  # a compiled step must neither sync on nor specialise to it
+        if not torch.compiler.is_compiling():  # a compiled step must not specialise to a host number
             if self.filled + T > self.max_len:
                 raise ValueError(f"KV cache full: {self.filled} + {T} tokens > max_len {self.max_len}")
             self.filled += T
@@ -269,7 +270,6 @@ class KVCache:
         self.seen += m.sum(-1)
         self.bias.view(self.bias.shape[0], -1).index_copy_(1, self.slots, self.mask_bias[m])  # 0 or -inf
         self.pos += T
-        # Eager code attends over the slots written so far; a compiled step over all of them (static shapes).
         self.used = self.max_len if torch.compiler.is_compiling() else self.filled
         if T == 1:  # a decode step: the newest token sees every real token so far, itself included
             return positions, self.bias[..., :self.used]
@@ -524,27 +524,28 @@ def decode_step(model: Qwen2, tok: torch.Tensor, real: torch.Tensor, cache: KVCa
     return model(tok[:, None], real[:, None], cache=cache)[:, -1]
 
 
-_COMPILED: "weakref.WeakKeyDictionary[Qwen2, tuple]" = weakref.WeakKeyDictionary()
+_COMPILED: "weakref.WeakKeyDictionary[Qwen2, dict]" = weakref.WeakKeyDictionary()
 
 
 def compiled_decoder(model: Qwen2, rows: int, max_len: int, device, dtype):
-    """(compiled decode_step, its KV cache), kept per model and reused while the shapes fit.
+    """(compiled decode_step, a KV cache for it), kept per model and per shape and reused.
 
-    A CUDA graph replays fixed addresses, so the cache must outlive one generate call; lengths are
-    rounded up to a multiple of 256 so that varying prompt lengths share a handful of graphs (each
-    new shape compiles once, and torch.compile keeps at most 8 of them).
+    A CUDA graph replays fixed addresses, so each shape's cache outlives the generate call and is
+    reused by the next one of that shape; lengths are rounded up to a multiple of 256 so that varying
+    prompt lengths share a handful of graphs (each new shape compiles once; torch.compile keeps at most 8).
     """
     max_len = -(-max_len // 256) * 256
-    step, cache = _COMPILED.get(model, (None, None))
-    if cache is None or cache.seen.shape[0] != rows or cache.max_len != max_len or cache.bias.dtype != dtype \
-            or cache.bias.device != torch.device(device):
+    entry = _COMPILED.setdefault(model, {"caches": {}})
+    if "step" not in entry:
+        mode = "reduce-overhead" if torch.device(device).type == "cuda" else None  # CUDA graphs on a GPU
+        entry["step"] = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+    key = (rows, max_len, dtype, str(device))
+    if key not in entry["caches"]:
         cache = KVCache(model.config, rows, max_len, device, dtype)
         for t in cache.tensors():  # static inputs of the graph, updated in place
             torch._dynamo.mark_static_address(t)
-        step = step or torch.compile(decode_step, fullgraph=True, dynamic=False,
-                                     mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
-        _COMPILED[model] = (step, cache)
-    return step, cache
+        entry["caches"][key] = cache
+    return entry["step"], entry["caches"][key]
 
 
 def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, temperature, top_k, top_p, generator,
