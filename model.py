@@ -467,14 +467,21 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None):
     return ids.to(device), mask.to(device)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None, noise_rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """One token per row from logits [N, V]; greedy at temperature 0.
+def uniforms(n: int, generator: torch.Generator | None, device, noise_rows: tuple[int, int] | None = None):
+    """The random numbers of one sampling step: one uniform in [0, 1) per row, [n, 1] float64.
 
-    noise_rows = (offset, total): these N rows are rows offset.. of a batch of `total` sampled with the
-    same generator (data parallelism): the noise of the whole batch is drawn and this slice used, so
-    every row gets the noise it would get in a single process.
+    noise_rows = (offset, total): these n rows are rows offset.. of a batch of `total` sampled with the
+    same generator (data parallelism): the whole batch's draws are made and this slice used, so every
+    row gets the draw it would get in a single process.
     """
+    offset, total = noise_rows or (0, n)
+    u = torch.rand((total, 1), generator=generator, device=device, dtype=torch.float64)
+    return u[offset:offset + n]
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                u: torch.Tensor | None) -> torch.Tensor:
+    """One token per row from logits [N, V] and uniforms u [N, 1] (see `uniforms`); greedy at temperature 0."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature if temperature != 1.0 else logits.float()
@@ -486,16 +493,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    # Inverse-CDF sampling: token i owns [cdf[i-1], cdf[i]) of [0, 1) and one uniform per row picks one,
+    # Inverse-CDF sampling: token i owns [cdf[i-1], cdf[i]) of [0, 1) and the row's uniform picks one,
     # with no host sync (unlike torch.multinomial) and one random number per row rather than one per
     # vocabulary entry. float64 keeps the intervals exact down to probabilities of ~1e-16 over a 152k
     # vocabulary; dividing by the last entry makes it exactly 1 (x / x), so a draw in [0, 1) always lands
     # on a token, and a filtered-out token owns an empty interval and is never picked.
     cdf = probs.double().cumsum(-1)  # (N, V)
     cdf = cdf / cdf[:, -1:]
-    offset, rows = noise_rows or (0, probs.shape[0])
-    u = torch.rand((rows, 1), generator=generator, device=probs.device, dtype=torch.float64)
-    u = u[offset:offset + probs.shape[0]]
     return torch.searchsorted(cdf, u, right=True)[:, 0]
 
 
@@ -519,9 +523,15 @@ def generate(model: Qwen2, prompts: list[list[int]], max_new_tokens: int, stop_i
     return out.clone(), mask.clone()
 
 
-def decode_step(model: Qwen2, tok: torch.Tensor, real: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Logits [N, V] after one new token per row (tok [N]; real [N] False for rows that have finished)."""
-    return model(tok[:, None], real[:, None], cache=cache)[:, -1]
+def decode_step(model: Qwen2, tok: torch.Tensor, real: torch.Tensor, cache: KVCache, u: torch.Tensor | None,
+                temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """The next token [N] after one new token per row (tok [N]; real [N] False for rows that have finished).
+
+    Sampling is part of the step, so a compiled step fuses it and a CUDA graph replays it; the random
+    numbers u come from outside, where the generator lives.
+    """
+    logits = model(tok[:, None], real[:, None], cache=cache)[:, -1]  # (N, V)
+    return sample_next(logits, temperature, top_k, top_p, u)
 
 
 _COMPILED: "weakref.WeakKeyDictionary[Qwen2, dict]" = weakref.WeakKeyDictionary()
@@ -569,6 +579,11 @@ def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, tem
     cache.fill_from(prefill, num_samples)  # ... and copy its cache into its n sample rows
     del prefill
     logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V)
+
+    def draw():  # this step's uniforms (greedy decoding draws none)
+        return None if temperature == 0 else uniforms(N, generator, device, noise_rows)
+
+    nxt = sample_next(logits, temperature, top_k, top_p, draw())
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
@@ -576,14 +591,14 @@ def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, tem
     every = stop_check_every or (16 if device.type == "cuda" else 1)
     for t in range(max_new_tokens):
         real = ~done  # rows still writing; finished rows get padding the model will not attend to
-        tok = torch.where(real, sample_next(logits, temperature, top_k, top_p, generator, noise_rows), pad_id)
+        tok = torch.where(real, nxt, pad_id)
         out[:, t] = tok
         done = done | torch.isin(tok, stops)
         if t + 1 == max_new_tokens or ((t + 1) % every == 0 and bool(done.all())):
             break
         if compile:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
-        logits = step(model, tok, real, cache)
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's output is consumed
+        nxt = step(model, tok, real, cache, draw(), temperature, top_k, top_p)
     out = out[:, :t + 1]
     # mask: real tokens up to and including the first stop
     is_stop = torch.isin(out, stops)

@@ -98,10 +98,11 @@ def test_sampling_is_seeded_and_masks_after_stop(hf_pair):
 def test_top_k_and_top_p_restrict_support():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
-    assert set(M.sample_next(logits, 1.0, 2, None, g).tolist()) == {0, 1}
+    u = M.uniforms(len(logits), g, "cpu")
+    assert set(M.sample_next(logits, 1.0, 2, None, u).tolist()) == {0, 1}
     # p = softmax ~ [.64, .24, .09, .03, .01]: top_p 0.8 keeps the first two only
-    assert set(M.sample_next(logits, 1.0, None, 0.8, g).tolist()) == {0, 1}
-    assert set(M.sample_next(logits, 0.0, None, None, g).tolist()) == {0}
+    assert set(M.sample_next(logits, 1.0, None, 0.8, u).tolist()) == {0, 1}
+    assert set(M.sample_next(logits, 0.0, None, None, None).tolist()) == {0}
 
 
 @pytest.mark.parametrize("shape, params", [
@@ -253,7 +254,7 @@ def test_sampling_draws_from_the_softmax():
         if top_k:
             p[top_k:] = 0
             p /= p.sum()
-        draws = M.sample_next(logits.repeat(n, 1), temperature, top_k, None, g)
+        draws = M.sample_next(logits.repeat(n, 1), temperature, top_k, None, M.uniforms(n, g, "cpu"))
         freq = torch.bincount(draws, minlength=len(logits)).double() / n
         sigma = (p * (1 - p) / n).sqrt()
         assert ((freq - p).abs() <= 5 * sigma + 1e-12).all(), (freq, p)
@@ -262,10 +263,9 @@ def test_sampling_draws_from_the_softmax():
 
 
 def test_noise_rows_give_each_row_its_single_process_draw():
-    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
-    whole = M.sample_next(logits, 1.0, None, None, torch.Generator().manual_seed(3))
-    half = M.sample_next(logits[4:], 1.0, None, None, torch.Generator().manual_seed(3), noise_rows=(4, 8))
-    assert torch.equal(whole[4:], half)
+    whole = M.uniforms(8, torch.Generator().manual_seed(3), "cpu")
+    half = M.uniforms(4, torch.Generator().manual_seed(3), "cpu", noise_rows=(4, 8))
+    assert whole.shape == (8, 1) and torch.equal(whole[4:], half)
 
 
 def test_compiled_decode_step_equals_eager(hf_pair):
