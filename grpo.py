@@ -33,7 +33,8 @@ import torch
 
 import lora
 import parallel
-from model import completion_logprobs, generate, left_pad
+from generate import generate
+from model import completion_logprobs, left_pad
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 

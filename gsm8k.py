@@ -35,7 +35,7 @@ from fractions import Fraction
 
 import torch
 
-from model import generate
+from generate import generate
 
 SHA256 = {"train": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
           "test": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"}

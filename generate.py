@@ -1,0 +1,162 @@
+"""Batched sampling for GRPO: prefill each prompt once, copy its cache into K rows, decode K samples.
+
+The decode step has fixed shapes (model.KVCache attends over all its slots behind an additive mask,
+and its write position lives on the device), so `generate(compile=True)` compiles it once per shape
+and, on a GPU, replays it as a CUDA graph: one launch per token, sampling included. Sampling draws
+one uniform per row and inverts the cumulative distribution, so nothing waits on the host per token.
+
+    from generate import generate
+    out, mask = generate(model, prompts, max_new_tokens=512, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                         num_samples=4, temperature=1.0, generator=torch.Generator().manual_seed(0))
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from model import KVCache, Qwen2, left_pad
+
+
+def generate(model: Qwen2, prompts: list[list[int]], max_new_tokens: int, stop_ids, pad_id: int,
+             num_samples: int = 1, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, generator: torch.Generator | None = None,
+             stop_check_every: int | None = None, noise_rows: tuple[int, int] | None = None,
+             compile: bool = False):
+    """Sample `num_samples` completions of each prompt with a KV cache.
+
+    Returns (tokens [B*n, T_new], mask [B*n, T_new]): row i*n+j is sample j of prompt i; the mask is 1
+    up to and including the first stop token, 0 after it (those positions hold pad_id). compile=True
+    runs the decode step through torch.compile (as a CUDA graph on a GPU): the same tokens, faster
+    once compiled, which takes seconds per new batch size or length bucket.
+    """
+    # inference_mode skips autograd's bookkeeping on every op; its tensors cannot enter a backward
+    # later (GRPO trains on these tokens), so the results are cloned outside it.
+    with torch.inference_mode():
+        out, mask = _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, temperature, top_k,
+                              top_p, generator, stop_check_every, noise_rows, compile)
+    return out.clone(), mask.clone()
+
+
+def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, temperature, top_k, top_p, generator,
+              stop_check_every, noise_rows, compile):
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    ids, mask = left_pad(prompts, pad_id, device)
+    B, T0 = ids.shape
+    N = B * num_samples
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if T0 + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"prompt of {T0} tokens + {max_new_tokens} new tokens exceeds the context "
+                         f"({model.config.max_position_embeddings})")
+    if compile:
+        step, cache = compiled_decoder(model, N, T0 + max_new_tokens, device, dtype)
+    else:
+        step, cache = decode_step, KVCache(model.config, N, T0 + max_new_tokens, device, dtype)
+    prefill = KVCache(model.config, B, cache.max_len, device, dtype)
+    logits = model(ids, mask, cache=prefill, num_logits=1)[:, -1]  # prefill each prompt once: (B, V)
+    cache.fill_from(prefill, num_samples)  # ... and copy its cache into its n sample rows
+    del prefill
+    logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V)
+
+    def draw():  # this step's uniforms (greedy decoding draws none)
+        return None if temperature == 0 else uniforms(N, generator, device, noise_rows)
+
+    nxt = sample_next(logits, temperature, top_k, top_p, draw())
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    # Checking "all rows finished" syncs with the host; on a GPU do it only every few tokens.
+    every = stop_check_every or (16 if device.type == "cuda" else 1)
+    for t in range(max_new_tokens):
+        real = ~done  # rows still writing; finished rows get padding the model will not attend to
+        tok = torch.where(real, nxt, pad_id)
+        out[:, t] = tok
+        done = done | torch.isin(tok, stops)
+        if t + 1 == max_new_tokens or ((t + 1) % every == 0 and bool(done.all())):
+            break
+        if compile:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's output is consumed
+        nxt = step(model, tok, real, cache, draw(), temperature, top_k, top_p)
+    out = out[:, :t + 1]
+    # mask: real tokens up to and including the first stop
+    is_stop = torch.isin(out, stops)
+    after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
+    return out, (~after_stop).long()
+
+
+# ------------------------------------------------------------------------------- the decode step
+
+def decode_step(model: Qwen2, tok: torch.Tensor, real: torch.Tensor, cache: KVCache, u: torch.Tensor | None,
+                temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """The next token [N] after one new token per row (tok [N]; real [N] False for rows that have finished).
+
+    Sampling is part of the step, so a compiled step fuses it and a CUDA graph replays it; the random
+    numbers u come from outside, where the generator lives.
+    """
+    logits = model(tok[:, None], real[:, None], cache=cache)[:, -1]  # (N, V)
+    return sample_next(logits, temperature, top_k, top_p, u)
+
+
+_COMPILED: "weakref.WeakKeyDictionary[Qwen2, dict]" = weakref.WeakKeyDictionary()
+
+
+def compiled_decoder(model: Qwen2, rows: int, max_len: int, device, dtype):
+    """(compiled decode_step, a KV cache for it), kept per model and per shape and reused.
+
+    A CUDA graph replays fixed addresses, so each shape's cache outlives the generate call and is
+    reused by the next one of that shape; lengths are rounded up to a multiple of 256 so that varying
+    prompt lengths share a handful of graphs (each new shape compiles once; torch.compile keeps at most 8).
+    """
+    max_len = -(-max_len // 256) * 256
+    entry = _COMPILED.setdefault(model, {"caches": {}})
+    if "step" not in entry:
+        mode = "reduce-overhead" if torch.device(device).type == "cuda" else None  # CUDA graphs on a GPU
+        entry["step"] = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+    key = (rows, max_len, dtype, str(device))
+    if key not in entry["caches"]:
+        cache = KVCache(model.config, rows, max_len, device, dtype)
+        for t in cache.tensors():  # static inputs of the graph, updated in place
+            torch._dynamo.mark_static_address(t)
+        entry["caches"][key] = cache
+    return entry["step"], entry["caches"][key]
+
+
+# ------------------------------------------------------------------------------------- sampling
+
+def uniforms(n: int, generator: torch.Generator | None, device, noise_rows: tuple[int, int] | None = None):
+    """The random numbers of one sampling step: one uniform in [0, 1) per row, [n, 1] float64.
+
+    noise_rows = (offset, total): these n rows are rows offset.. of a batch of `total` sampled with the
+    same generator (data parallelism): the whole batch's draws are made and this slice used, so every
+    row gets the draw it would get in a single process.
+    """
+    offset, total = noise_rows or (0, n)
+    u = torch.rand((total, 1), generator=generator, device=device, dtype=torch.float64)
+    return u[offset:offset + n]
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                u: torch.Tensor | None) -> torch.Tensor:
+    """One token per row from logits [N, V] and uniforms u [N, 1] (see `uniforms`); greedy at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    # Inverse-CDF sampling: token i owns [cdf[i-1], cdf[i]) of [0, 1) and the row's uniform picks one,
+    # with no host sync (unlike torch.multinomial) and one random number per row rather than one per
+    # vocabulary entry. float64 keeps the intervals exact down to probabilities of ~1e-16 over a 152k
+    # vocabulary; dividing by the last entry makes it exactly 1 (x / x), so a draw in [0, 1) always lands
+    # on a token, and a filtered-out token owns an empty interval and is never picked.
+    cdf = probs.double().cumsum(-1)  # (N, V)
+    cdf = cdf / cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0]

@@ -1,0 +1,119 @@
+"""generate.py: sampling against transformers' generate and against its own plain paths (tiny random models)."""
+
+import pytest
+import torch
+
+import generate as G
+import model as M
+
+
+def test_greedy_generate_equals_transformers(hf_pair):
+    hf, folder = hf_pair
+    ours = M.from_pretrained(folder)
+    prompts = [[5, 9, 2, 7, 11, 3], [8, 4, 6]]
+    stop, pad = 1, 0  # eos_token_id=1 in the tiny config
+    out, mask = G.generate(ours, prompts, max_new_tokens=12, stop_ids=[stop], pad_id=pad)
+    for i, p in enumerate(prompts):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=stop,
+                          pad_token_id=pad)[0, len(p):]
+        n = int(mask[i].sum())
+        assert out[i, :n].tolist() == ref[:n].tolist()
+        if n < len(ref):  # we stopped: transformers stopped at the same stop token
+            assert out[i, n - 1].item() == stop
+
+
+def test_sampling_is_seeded_and_masks_after_stop(hf_pair):
+    hf, folder = hf_pair
+    ours = M.from_pretrained(folder)
+    prompts = [[5, 9, 2], [8, 4, 6, 1, 2]]
+    runs = [G.generate(ours, prompts, 20, stop_ids=[1, 2], pad_id=0, num_samples=4, temperature=1.5,
+                       top_k=50, top_p=0.95, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    (a, ma), (b, mb) = runs
+    assert a.shape[0] == 8 and torch.equal(a, b) and torch.equal(ma, mb)
+    for row, m in zip(a, ma):
+        stops = [t for t, x in enumerate(row.tolist()) if x in (1, 2)]
+        n = int(m.sum())
+        if stops:
+            assert n == stops[0] + 1 and (row[n:] == 0).all()  # pad after the first stop
+        else:
+            assert n == row.shape[0]
+        assert m[:n].all()
+
+
+def test_top_k_and_top_p_restrict_support():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    u = G.uniforms(len(logits), g, "cpu")
+    assert set(G.sample_next(logits, 1.0, 2, None, u).tolist()) == {0, 1}
+    # p = softmax ~ [.64, .24, .09, .03, .01]: top_p 0.8 keeps the first two only
+    assert set(G.sample_next(logits, 1.0, None, 0.8, u).tolist()) == {0, 1}
+    assert set(G.sample_next(logits, 0.0, None, None, None).tolist()) == {0}
+
+
+def test_prompt_longer_than_context_is_refused():
+    m = M.Qwen2(M.ModelConfig(vocab_size=20, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32))
+    with pytest.raises(ValueError, match="exceeds the context"):
+        G.generate(m, [[1] * 30], max_new_tokens=8, stop_ids=[0], pad_id=0)
+
+
+def test_fast_sampling_paths_equal_the_plain_ones(hf_pair):
+    """Prefill once + copy the cache into K rows == K separate prompts; merged LoRA == unmerged."""
+    import lora as L
+    _, folder = hf_pair
+    ours = M.from_pretrained(folder)
+    prompts = [[5, 9, 2, 7], [8, 4, 6]]
+    a, ma = G.generate(ours, prompts, 10, stop_ids=[1], pad_id=0, num_samples=3, temperature=0.0)
+    b, mb = G.generate(ours, [p for p in prompts for _ in range(3)], 10, stop_ids=[1], pad_id=0)
+    assert torch.equal(a, b) and torch.equal(ma, mb)
+    L.apply_lora(ours, r=4)
+    with torch.no_grad():
+        for p in L.lora_parameters(ours):
+            p.normal_(0, 0.2)
+    plain = G.generate(ours, prompts, 10, stop_ids=[1], pad_id=0)
+    with L.merged(ours):
+        fast = G.generate(ours, prompts, 10, stop_ids=[1], pad_id=0)
+    assert torch.equal(plain[0], fast[0])
+
+
+def test_sampling_draws_from_the_softmax():
+    """Inverse-CDF sampling: frequencies match softmax(logits / T), filtered tokens never appear."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0])
+    n = 40000
+    g = torch.Generator().manual_seed(0)
+    for temperature, top_k in ((1.0, None), (0.7, 4)):
+        p = (logits / temperature).softmax(-1)
+        if top_k:
+            p[top_k:] = 0
+            p /= p.sum()
+        draws = G.sample_next(logits.repeat(n, 1), temperature, top_k, None, G.uniforms(n, g, "cpu"))
+        freq = torch.bincount(draws, minlength=len(logits)).double() / n
+        sigma = (p * (1 - p) / n).sqrt()
+        assert ((freq - p).abs() <= 5 * sigma + 1e-12).all(), (freq, p)
+        if top_k:
+            assert freq[top_k:].sum() == 0
+
+
+def test_noise_rows_give_each_row_its_single_process_draw():
+    whole = G.uniforms(8, torch.Generator().manual_seed(3), "cpu")
+    half = G.uniforms(4, torch.Generator().manual_seed(3), "cpu", noise_rows=(4, 8))
+    assert whole.shape == (8, 1) and torch.equal(whole[4:], half)
+
+
+def test_compiled_decode_step_equals_eager(hf_pair):
+    """generate(compile=True): one graph without breaks (fullgraph), the same tokens as eager, and weights
+    changed in place (merged LoRA) are read, not baked in."""
+    import lora as L
+    _, folder = hf_pair
+    ours = M.from_pretrained(folder)
+    L.apply_lora(ours, r=4)
+    g = lambda: torch.Generator().manual_seed(5)
+    for step, prompts in enumerate(([[5, 9, 2, 7], [8, 4, 6]], [[3, 1, 4, 1, 5, 9, 2], [6, 5]])):
+        with torch.no_grad():
+            for p in L.lora_parameters(ours):
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(step))
+        with L.merged(ours):
+            kw = dict(stop_ids=[1], pad_id=0, num_samples=3, temperature=1.0)
+            eager = G.generate(ours, prompts, 12, generator=g(), **kw)
+            compiled = G.generate(ours, prompts, 12, generator=g(), compile=True, **kw)
+        assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
