@@ -1,9 +1,9 @@
 """Qwen2 / Qwen2.5 in plain PyTorch: the model, its KV cache, checkpoint loading and the tokenizer.
 
-Read top to bottom: config, RMSNorm, rotary embeddings, attention, MLP, block, model, then the KV cache,
-log-probs, loading and the tokenizer; sampling is in generate.py. Module and parameter names are exactly those of Hugging Face's
-`Qwen2ForCausalLM` (`model.layers.15.self_attn.q_proj.weight`), so a checkpoint loads key for key and
-LoRA paths read like PEFT's.
+Read top to bottom: config, RMSNorm, rotary embeddings, attention, MLP, block, model, then the KV
+cache, log-probs, loading and the tokenizer; sampling is in generate.py. Module and parameter names are
+exactly those of Hugging Face's `Qwen2ForCausalLM` (`model.layers.15.self_attn.q_proj.weight`), so a
+checkpoint loads key for key and LoRA paths read like PEFT's.
 
 Deliberately left out: sliding-window attention and rope scaling (refused at load time), training
 tricks other than optional gradient checkpointing, any kernel dispatch. Numerically sensitive parts
@@ -91,7 +91,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x / sqrt(mean(x^2) + eps) in float32, so bf16 activations do not lose the small variances; the
         # weight multiplies after rounding back, as in HF (F.rms_norm equals the written-out formula bit
-        # for bit in float32, in one op instead of five).
+        # for bit in float32, in one call).
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * y.to(x.dtype)
 
@@ -104,7 +104,8 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
-    return torch.cat([freqs, freqs], dim=-1).cos().to(dtype), torch.cat([-freqs.sin(), freqs.sin()], dim=-1).to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -212,7 +213,12 @@ class Qwen2(nn.Module):
         else:
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
             cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-            bias = None if attention_mask is None else padded_causal_bias(mask, x.dtype)  # None: plain causal
+            if attention_mask is None:  # no padding: SDPA's plain causal attention, no mask tensor
+                bias = None
+            else:  # additive: SDPA's CPU kernel takes it faster than a boolean mask
+                key_bias = torch.zeros(B, 1, 1, T, dtype=x.dtype, device=x.device).masked_fill_(
+                    ~mask[:, None, None, :], float("-inf"))
+                bias = causal_bias(key_bias, torch.arange(T, device=x.device))
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): broadcast over heads
         for i, block in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and cache is None:
@@ -250,11 +256,15 @@ class KVCache:
         self.mask_bias = torch.tensor([float("-inf"), 0.0], device=device, dtype=dtype)  # [mask] -> additive bias
         self.max_len = max_len
         self.filled = 0  # pos on the host (eager code only: a compiled step never reads it)
-        self.used = 0  # the slots attention reads: filled (eager) or max_len (compiled)
         self.slots = None  # (T,) the slots of the tokens being appended
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.k, *self.v, self.bias, self.seen, self.pos]
+
+    @property
+    def used(self) -> int:
+        """The slots attention reads: those written so far (eager), or all of them (compiled: static shapes)."""
+        return self.max_len if torch.compiler.is_compiling() else self.filled
 
     def append(self, mask: torch.Tensor):
         """Register T new tokens (mask [B, T]); returns their positions [B, T] and attention bias [B, 1, T, used]."""
@@ -269,14 +279,9 @@ class KVCache:
         self.seen += m.sum(-1)
         self.bias.view(self.bias.shape[0], -1).index_copy_(1, self.slots, self.mask_bias[m])  # 0 or -inf
         self.pos += T
-        self.used = self.max_len if torch.compiler.is_compiling() else self.filled
         if T == 1:  # a decode step: the newest token sees every real token so far, itself included
             return positions, self.bias[..., :self.used]
-        # Query i sees the real keys up to its own slot, and always itself, so that a padding query has no
-        # all-masked row (its output is ignored anyway).
-        keys = self.arange[None, :self.used]
-        bias = self.bias[..., :self.used].masked_fill(keys > self.slots[:, None], float("-inf"))  # (B, 1, T, used)
-        return positions, bias.masked_fill(keys == self.slots[:, None], 0.0)
+        return positions, causal_bias(self.bias[..., :self.used], self.slots)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store the new keys/values [B, n_kv, T, hd] in their slots; return the whole cache of this layer."""
@@ -291,23 +296,22 @@ class KVCache:
         """
         def rows(t):  # (B*n, ...) viewed as (B, n, ...): the source broadcasts over n without a copy
             return t.view(other.seen.shape[0], n, *t.shape[1:])
-        for dst, src in zip(self.tensors()[:-1], other.tensors()[:-1]):
+        for dst, src in zip(self.tensors()[:-1], other.tensors()[:-1]):  # all but pos, a scalar
             rows(dst).copy_(src[:, None])
         self.pos.copy_(other.pos)
         self.filled = other.filled
         return self
 
 
-def padded_causal_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention mask [B, 1, T, T] for left-padded rows (mask [B, T]): causal, padding hidden.
+def causal_bias(key_bias: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Additive attention mask [B, 1, T, S] for T queries at `slots` [T] over S keys.
 
-    Each query always sees itself, so a padding query has no all-masked row. (SDPA's CPU kernel takes an
-    additive mask faster than a boolean one.)
+    key_bias [B, 1, 1, S] is 0 for real keys and -inf for padding. Query i sees the real keys up to its
+    own slot, and always itself, so that a padding query has no all-masked row (its output is ignored).
     """
-    T = mask.shape[1]
-    idx = torch.arange(T, device=mask.device)
-    allowed = (idx[None, :] <= idx[:, None]) & mask[:, None, :] | (idx[None, :] == idx[:, None])  # (B, T, T)
-    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(~allowed, float("-inf"))[:, None]
+    keys = torch.arange(key_bias.shape[-1], device=key_bias.device)[None, :]  # (1, S)
+    bias = key_bias.masked_fill(keys > slots[:, None], float("-inf"))  # (B, 1, T, S)
+    return bias.masked_fill(keys == slots[:, None], 0.0)
 
 
 # ------------------------------------------------------------------------------------- log-probs
