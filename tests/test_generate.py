@@ -117,3 +117,18 @@ def test_compiled_decode_step_equals_eager(hf_pair):
             eager = G.generate(ours, prompts, 12, generator=g(), **kw)
             compiled = G.generate(ours, prompts, 12, generator=g(), compile=True, **kw)
         assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+
+
+def test_compiled_calls_with_other_settings_get_their_own_graph(hf_pair):
+    """Only a call's first compiled step checks dynamo's guards; the later steps must still run the graph
+    of their own settings. Alternating sampling settings and batch sizes must each match eager."""
+    _, folder = hf_pair
+    ours = M.from_pretrained(folder)
+    g = lambda: torch.Generator().manual_seed(7)
+    settings = [dict(temperature=1.0, num_samples=3), dict(temperature=0.0, num_samples=3),
+                dict(temperature=1.0, top_k=3, num_samples=2), dict(temperature=1.0, num_samples=3)]
+    for kw in settings:
+        eager = G.generate(ours, [[5, 9, 2, 7], [8, 4, 6]], 10, stop_ids=[1], pad_id=0, generator=g(), **kw)
+        compiled = G.generate(ours, [[5, 9, 2, 7], [8, 4, 6]], 10, stop_ids=[1], pad_id=0, generator=g(),
+                              compile=True, **kw)
+        assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1]), kw
