@@ -8,11 +8,11 @@ tests only, never by the product.
 
     python bench.py [--shape tiny|0.5b|1.5b] [--device cpu|cuda] [--dtype fp32|bf16] [--json FILE]
 
-Reported: sampling_speedup (our tokens/s over transformers' generate, with the product's default decode:
-compiled on CUDA, eager on the CPU; both are in the "sampling" section), learn_speedup (PEFT's seconds
-over ours), learn_peak_mem_ratio (our peak memory over PEFT's), profiler_overhead (the profiler's
-record() as a fraction of the learn step), grpo_step_speedup_vs_trl (tiny shape, when trl is
-installed), and on CUDA the decode's achieved memory bandwidth and the learn step's MFU.
+Reported: sampling_speedup (our tokens/s over transformers' generate, with the compiled decode step:
+the default on CUDA, `--compile on` on the CPU; sampling_speedup_eager without it), learn_speedup
+(PEFT's seconds over ours), learn_peak_mem_ratio (our peak memory over PEFT's), profiler_overhead
+(the profiler's record() as a fraction of the learn step), grpo_step_speedup_vs_trl (tiny shape,
+when trl is installed), and on CUDA the decode's achieved memory bandwidth and the learn step's MFU.
 """
 
 from __future__ import annotations
@@ -87,9 +87,10 @@ def bench_sampling(hf, ours, args, device) -> dict:
     """4 prompts x 4 samples, fixed prompt and completion lengths (no stop token), tokens/s.
 
     Ours runs eagerly and with the compiled decode step (generate(compile=True): a CUDA graph on a GPU,
-    inductor's C++ on the CPU); `speedup` is the product's default, compiled on CUDA and eager on the
-    CPU (train.py --compile auto). Each is also timed for a single new token, so that the difference
-    gives the time of one decode step alone, without the prefill.
+    inductor's C++ on the CPU); `speedup` is the compiled one: train.py's default with CUDA, and
+    `--compile on` on the CPU, where a compile takes 6-25 s per shape and pays off in long runs only.
+    Each is also timed for a single new token, so that the difference gives the time of one decode
+    step alone, without the prefill.
     """
     V = ours.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -119,9 +120,7 @@ def bench_sampling(hf, ours, args, device) -> dict:
     out.update({f"{k}_decode_step_s": (t[k] - t[k + "_1"]) / (n - 1) for k in ("eager", "compiled", "transformers")})
     out["speedup_eager"] = t["transformers"] / t["eager"]
     out["speedup_compiled"] = t["transformers"] / t["compiled"]
-    out["default"] = "compiled" if device.type == "cuda" else "eager"
-    out["speedup"] = out["speedup_" + out["default"]]
-    out["ours_tok_s"] = out[out["default"] + "_tok_s"]
+    out["speedup"], out["ours_tok_s"] = out["speedup_compiled"], out["compiled_tok_s"]
     if device.type == "cuda":  # a decode step reads every weight once: bandwidth = weight bytes / step time
         weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
         step = out["compiled_decode_step_s"]
@@ -266,21 +265,23 @@ def cpu_peak_child(folder, dtype, which, seqs, prompt_len, new_tokens, micro_bat
 # --------------------------------------------------------------------------------- a whole GRPO step
 
 def bench_grpo_vs_trl(args) -> dict:
-    """Our whole GRPO step vs TRL's GRPOTrainer (PEFT LoRA r=8), tiny shape, 4 x 4 completions of 32 tokens."""
+    """Our whole GRPO step (eager and compiled decode) vs TRL's GRPOTrainer (PEFT LoRA r=8), tiny shape,
+    4 x 4 completions of 32 tokens; `speedup` is with the compiled decode, as for sampling."""
     import importlib.util
     if importlib.util.find_spec("trl") is None:
         return {"skipped": "trl not installed (pip install trl)"}
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
     res = {}
-    for which in ("trl", "ours", "trl", "ours", "trl", "ours"):  # interleaved processes
+    for which in ("trl", "ours", "ours_compiled") * 3:  # interleaved processes
         out = subprocess.run([sys.executable, "-c", f"import bench; bench.grpo_child({which!r}, {args.grpo_steps})"],
                              capture_output=True, text=True, cwd=here)
         if out.returncode != 0:
             return {"skipped": f"{which} failed: {out.stderr[-1500:]}"}
         res.setdefault(which, []).append(float(out.stdout.strip().splitlines()[-1]))
-    trl_s, ours_s = statistics.median(res["trl"]), statistics.median(res["ours"])
-    return {"trl_step_s": trl_s, "ours_step_s": ours_s, "speedup": trl_s / ours_s, "runs": res}
+    trl_s, ours_s, compiled_s = (statistics.median(res[k]) for k in ("trl", "ours", "ours_compiled"))
+    return {"trl_step_s": trl_s, "ours_step_s": ours_s, "ours_compiled_step_s": compiled_s,
+            "speedup": trl_s / compiled_s, "speedup_eager": trl_s / ours_s, "runs": res}
 
 
 class _CharTokenizer:
@@ -300,10 +301,11 @@ def grpo_child(which: str, steps: int):
     with tempfile.TemporaryDirectory() as d:
         hf, ours = build("tiny", torch.device("cpu"), torch.float32, d)
         prompts = [[int(x) for x in torch.randint(2, 600, (16,))] for _ in range(4)]
-        if which == "ours":
+        if which.startswith("ours"):
             lora.apply_lora(ours, r=8, alpha=16, targets=("q_proj", "v_proj"))
             opt = grpo.make_optimizer(ours, 1e-5)
-            cfg = grpo.GRPOConfig(num_generations=4, max_new_tokens=32, beta=0.0, micro_batch=16)
+            cfg = grpo.GRPOConfig(num_generations=4, max_new_tokens=32, beta=0.0, micro_batch=16,
+                                  compile_decode=which == "ours_compiled")
             prof = GradientProfiler(ours)
             gen = torch.Generator().manual_seed(0)
             times = []
@@ -381,6 +383,7 @@ def main(argv=None):
     if "sampling" not in args.skip:
         s = bench_sampling(hf, ours, args, device)
         result["sampling"], result["sampling_speedup"] = s, s["speedup"]
+        result["sampling_speedup_eager"] = s["speedup_eager"]
         print(f"sampling  ours {s['eager_tok_s']:9.1f} tok/s eager, {s['compiled_tok_s']:9.1f} compiled   "
               f"transformers {s['transformers_tok_s']:9.1f} tok/s   x{s['speedup_eager']:.2f} eager, "
               f"x{s['speedup_compiled']:.2f} compiled", flush=True)
@@ -416,7 +419,9 @@ def main(argv=None):
         result["grpo_step"] = g
         if "speedup" in g:
             result["grpo_step_speedup_vs_trl"] = g["speedup"]
-            print(f"grpo step ours {g['ours_step_s']:9.4f} s       trl {g['trl_step_s']:9.4f} s   x{g['speedup']:.2f}")
+            result["grpo_step_speedup_vs_trl_eager"] = g["speedup_eager"]
+            print(f"grpo step ours {g['ours_step_s']:9.4f} s eager, {g['ours_compiled_step_s']:.4f} s compiled   "
+                  f"trl {g['trl_step_s']:9.4f} s   x{g['speedup_eager']:.2f} eager, x{g['speedup']:.2f} compiled")
         else:
             print(f"grpo step vs TRL skipped: {g['skipped']}")
     if args.json:
