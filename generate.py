@@ -13,6 +13,7 @@ per row and inverts the cumulative distribution, so nothing waits on the host pe
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -80,12 +81,11 @@ def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, tem
             break
         if compile:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's output is consumed
-            # Dynamo checks some 400 guards before each compiled call (5-10% of a small step). This call's
-            # first step checks them all (and recompiles if needed); the later ones differ from it only in
-            # tensor values, never in what the guards test, so they skip them.
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=t > 0):
-                nxt = step(model, tok, real, cache, draw(), temperature, top_k, top_p)
-        else:
+        # Dynamo checks some 400 guards before each compiled call (5-10% of a small step). This call's
+        # first step checks them all (and recompiles if needed); the later ones differ from it only in
+        # tensor values, never in what the guards test, so they skip them.
+        with (torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if compile and t > 0
+              else contextlib.nullcontext()):
             nxt = step(model, tok, real, cache, draw(), temperature, top_k, top_p)
     out = out[:, :t + 1]
     # mask: real tokens up to and including the first stop
