@@ -6,8 +6,12 @@ and, on a GPU, replays it as a CUDA graph: one launch per token, sampling includ
 generated C++ wrapper calls its kernels, with no Python between them). Sampling draws one uniform
 per row and inverts the cumulative distribution, so nothing waits on the host per token.
 
+Each drawn token comes with its log-probability under the sampler's own forward pass (merged LoRA, the
+sampling dtype), so GRPO can measure, and correct for, any gap between the policy that sampled and
+the policy that learns (grpo.py).
+
     from generate import generate
-    out, mask = generate(model, prompts, max_new_tokens=512, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+    out, mask, logp = generate(model, prompts, max_new_tokens=512, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                          num_samples=4, temperature=1.0, generator=torch.Generator().manual_seed(0))
 """
 
@@ -28,17 +32,19 @@ def generate(model: Qwen2, prompts: list[list[int]], max_new_tokens: int, stop_i
              compile: bool = False):
     """Sample `num_samples` completions of each prompt with a KV cache.
 
-    Returns (tokens [B*n, T_new], mask [B*n, T_new]): row i*n+j is sample j of prompt i; the mask is 1
-    up to and including the first stop token, 0 after it (those positions hold pad_id). compile=True
+    Returns (tokens [B*n, T_new], mask [B*n, T_new], logprobs [B*n, T_new]): row i*n+j is sample j of
+    prompt i; the mask is 1 up to and including the first stop token, 0 after it (those positions hold
+    pad_id, log-prob 0). logprobs are fp32 log-probabilities of the drawn tokens under softmax(logits / T),
+    before top-k/top-p truncation (the distribution GRPO's learner computes), T = 1 when greedy. compile=True
     runs the decode step through torch.compile (as a CUDA graph on a GPU): the same tokens, faster
     once compiled, which takes seconds per new batch size or length bucket.
     """
     # inference_mode skips autograd's bookkeeping on every op; its tensors cannot enter a backward
     # later (GRPO trains on these tokens), so the results are cloned outside it.
     with torch.inference_mode():
-        out, mask = _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, temperature, top_k,
-                              top_p, generator, stop_check_every, noise_rows, compile)
-    return out.clone(), mask.clone()
+        out, mask, logp = _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, temperature,
+                                    top_k, top_p, generator, stop_check_every, noise_rows, compile)
+    return out.clone(), mask.clone(), logp.clone()
 
 
 def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, temperature, top_k, top_p, generator,
@@ -67,8 +73,10 @@ def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, tem
         return None if temperature == 0 else uniforms(N, generator, device, noise_rows)
 
     nxt = sample_next(logits, temperature, top_k, top_p, draw())
+    nxt_logp = token_logprob(logits, nxt, temperature)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logp = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
     # Checking "all rows finished" syncs with the host; on a GPU do it only every few tokens.
     every = stop_check_every or (16 if device.type == "cuda" else 1)
@@ -76,6 +84,7 @@ def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, tem
         real = ~done  # rows still writing; finished rows get padding the model will not attend to
         tok = torch.where(real, nxt, pad_id)
         out[:, t] = tok
+        logp[:, t] = torch.where(real, nxt_logp, 0.0)
         done = done | torch.isin(tok, stops)
         if t + 1 == max_new_tokens or ((t + 1) % every == 0 and bool(done.all())):
             break
@@ -86,25 +95,27 @@ def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, tem
         # tensor values, never in what the guards test, so they skip them.
         with (torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if compile and t > 0
               else contextlib.nullcontext()):
-            nxt = step(model, tok, real, cache, draw(), temperature, top_k, top_p)
-    out = out[:, :t + 1]
+            nxt, nxt_logp = step(model, tok, real, cache, draw(), temperature, top_k, top_p)
+    out, logp = out[:, :t + 1], logp[:, :t + 1]
     # mask: real tokens up to and including the first stop
     is_stop = torch.isin(out, stops)
     after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
-    return out, (~after_stop).long()
+    return out, (~after_stop).long(), logp
 
 
 # ------------------------------------------------------------------------------- the decode step
 
 def decode_step(model: Qwen2, tok: torch.Tensor, real: torch.Tensor, cache: KVCache, u: torch.Tensor | None,
-                temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """The next token [N] after one new token per row (tok [N]; real [N] False for rows that have finished).
+                temperature: float, top_k: int | None, top_p: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token [N] and its log-prob [N] after one new token per row (tok [N]; real [N] False for
+    rows that have finished).
 
     Sampling is part of the step, so a compiled step fuses it and a CUDA graph replays it; the random
     numbers u come from outside, where the generator lives.
     """
     logits = model(tok[:, None], real[:, None], cache=cache)[:, -1]  # (N, V)
-    return sample_next(logits, temperature, top_k, top_p, u)
+    nxt = sample_next(logits, temperature, top_k, top_p, u)
+    return nxt, token_logprob(logits, nxt, temperature)
 
 
 _COMPILED: "weakref.WeakKeyDictionary[Qwen2, dict]" = weakref.WeakKeyDictionary()
@@ -145,6 +156,12 @@ def uniforms(n: int, generator: torch.Generator | None, device, noise_rows: tupl
     offset, total = noise_rows or (0, n)
     u = torch.rand((total, 1), generator=generator, device=device, dtype=torch.float64)
     return u[offset:offset + n]
+
+
+def token_logprob(logits: torch.Tensor, tok: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 log softmax(logits / T)[tok] per row (T = 1 when greedy): what the learner computes for tok."""
+    z = logits.float() / temperature if temperature not in (0, 1) else logits.float()
+    return z.gather(-1, tok[:, None])[:, 0] - z.logsumexp(-1)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

@@ -1,23 +1,32 @@
 """One step of GRPO (Shao et al., DeepSeekMath, arXiv 2402.03300) on a LoRA-adapted model.
 
 What it implements, in the order of the paper's objective:
-  1. Sample K completions for each of B prompts from the current policy (LoRA merged for speed).
+  1. Sample K completions for each of B prompts from the current policy (LoRA merged for speed) at
+     temperature T; the sampler also returns each drawn token's log-probability.
   2. Score each completion with every reward function; the reward is their weighted sum.
   3. Group-relative advantages A_i = (r_i - mean(r_group)) / (std(r_group) + eps); without the division
      with `scale_rewards=False` (Dr. GRPO, arXiv 2503.20783). A group whose rewards are all equal has
      A = 0 and teaches nothing.
-  4. Per-token log-probabilities (fp32) of each completion under the current policy, the policy that
-     sampled it (differs only when `num_iterations` > 1), and the reference policy, which is the same
-     model with its adapters disabled (no second copy of the weights).
-  5. Per token: -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A) + β·KL, with ρ = π/π_old and the k3 estimator
-     KL = exp(ref - logp) - (ref - logp) - 1, aggregated by `loss_type`:
+  4. Per-token log-probabilities (fp32) of each completion under softmax(logits / T), the distribution
+     that was sampled (as TRL does), for the current policy, the policy at sampling time (differs only
+     when `num_iterations` > 1) and the reference policy, which is the same model with its adapters
+     disabled (no second copy of the weights). top-p/top-k truncation is not corrected for (as in TRL).
+  5. Per token: -w·min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A) + β·KL, with ρ = π/π_old, the k3 estimator
+     KL = exp(ref - logp) - (ref - logp) - 1, and w the truncated importance weight
+     min(π_old / π_sampler, `is_cap`) of the token (TRL's and verl's correction for vLLM rollouts):
+     the sampler runs merged LoRA in the model's dtype, the learner unmerged fp32 adapters, and in bf16
+     the merge's rounding makes the two policies differ; `logp_mismatch_mean`/`_max` log the gap
+     |log π_old - log π_sampler| every step (~1e-7 in fp32). The loss is aggregated by `loss_type`:
        grpo     mean over each completion's tokens, then over completions (the paper's 1/|o_i|)
        dapo     mean over all tokens of the batch (DAPO, arXiv 2503.14476): long answers are not
                 down-weighted per token
        dr_grpo  sum over tokens / (completions x max_new_tokens) (Dr. GRPO): no length normalisation
      The default is `grpo`, the paper's formula, which is what the study names.
   6. Backward in micro-batches (the normalisers are computed over the whole batch, so the sum of the
-     micro-batch losses is exactly the batch loss), gradient-norm clipping, AdamW on the adapters.
+     micro-batch losses is exactly the batch loss), gradient-norm clipping, AdamW on the adapters. The
+     profiler records the first pass's gradient once per step, whatever `num_iterations` is.
+  `clip_frac` counts the clipping that is active (ρ > 1+ε_high with A > 0, ρ < 1-ε_low with A < 0),
+  as TRL's clip_ratio/region_mean does.
 
 Left out: reward models, a separate reference model, vLLM, sequence packing. Precision: on CUDA the
 frozen base weights are bf16, LoRA weights, gradients and AdamW state fp32, log-probs fp32; fp32 on CPU.
@@ -25,6 +34,7 @@ frozen base weights are bf16, LoRA weights, gradients and AdamW state fp32, log-
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -43,7 +53,7 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 class GRPOConfig:
     num_generations: int = 4  # K completions per prompt
     max_new_tokens: int = 512
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling and learning: both use softmax(logits / T)
     top_p: float = 1.0
     top_k: int | None = None
     beta: float = 0.04  # KL weight; 0 skips the reference pass entirely
@@ -58,10 +68,15 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     merge_for_sampling: bool = True
     compile_decode: bool = False  # torch.compile the decode step (a CUDA graph on a GPU)
+    is_cap: float = 3.0  # truncated importance weight min(π_old/π_sampler, cap) per token (TRL's C_max); 0: off
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type {self.loss_type!r} unknown; allowed: {LOSS_TYPES}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 for GRPO (it samples), got {self.temperature}")
+        if self.is_cap < 0:
+            raise ValueError(f"is_cap must be >= 0 (0: no importance correction), got {self.is_cap}")
 
 
 # ------------------------------------------------------------------------------ pure computations
@@ -75,8 +90,9 @@ def group_advantages(rewards: torch.Tensor, k: int, scale: bool = True, eps: flo
     return adv.flatten()
 
 
-def per_token_loss(logp, old_logp, ref_logp, adv, mask, beta, eps_low, eps_high):
-    """The clipped surrogate plus β·k3-KL at each token; tensors [N, T], adv [N]. Returns (loss, ratio, kl).
+def per_token_loss(logp, old_logp, ref_logp, adv, mask, beta, eps_low, eps_high, is_weight=None):
+    """The clipped surrogate (times the importance weight, when given) plus β·k3-KL at each token;
+    tensors [N, T], adv [N]. Returns (loss, ratio, kl).
 
     Masked positions are zeroed first, so whatever they hold (padding, -inf) never reaches a gradient.
     """
@@ -84,13 +100,24 @@ def per_token_loss(logp, old_logp, ref_logp, adv, mask, beta, eps_low, eps_high)
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     surrogate = torch.minimum(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
-    loss = -surrogate
+    loss = -surrogate if is_weight is None else -surrogate * is_weight.masked_fill(~mask, 0.0)
     kl = torch.zeros_like(logp)
     if beta != 0:
         d = ref_logp - logp
         kl = torch.exp(d) - d - 1
         loss = loss + beta * kl
     return loss, ratio, kl
+
+
+def importance_weight(old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weight min(π_old / π_sampler, cap) per token, no gradient (TRL's token_truncate)."""
+    return torch.exp(old_logp - sampler_logp).clamp(max=cap).detach()
+
+
+def active_clipping(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
+    """Tokens where the clip is active: ratio above 1+ε_high with A > 0, or below 1-ε_low with A < 0."""
+    a = adv[:, None]
+    return ((ratio > 1 + eps_high) & (a > 0)) | ((ratio < 1 - eps_low) & (a < 0))
 
 
 def aggregate(loss: torch.Tensor, mask: torch.Tensor, loss_type: str, n_seqs: int, n_tokens: int,
@@ -113,6 +140,7 @@ class Rollout:
     ids: torch.Tensor  # (N, Tp + Tc) prompt (left-padded) then completion
     attn: torch.Tensor  # (N, Tp + Tc)
     mask: torch.Tensor  # (N, Tc) bool: completion tokens that count in the loss
+    sampler_logp: torch.Tensor  # (N, Tc) fp32 log-probs of the drawn tokens under the sampler's forward
     rewards: torch.Tensor  # (N, F) each reward function's score
     total: torch.Tensor  # (N,) their weighted sum
     advantages: torch.Tensor  # (N,)
@@ -135,11 +163,8 @@ def rollout(model, tokenizer, prompts: list[list[int]], examples: list, reward_f
                   num_samples=cfg.num_generations, temperature=cfg.temperature, top_k=cfg.top_k,
                   top_p=cfg.top_p, generator=generator, noise_rows=(parallel.rank() * n, parallel.world() * n),
                   compile=cfg.compile_decode)
-    if cfg.merge_for_sampling:
-        with lora.merged(model):
-            out, cmask = generate(model, prompts, **sample)
-    else:
-        out, cmask = generate(model, prompts, **sample)
+    with lora.merged(model) if cfg.merge_for_sampling else contextlib.nullcontext():
+        out, cmask, sampler_logp = generate(model, prompts, **sample)
     model.train(was_training)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -164,15 +189,16 @@ def rollout(model, tokenizer, prompts: list[list[int]], examples: list, reward_f
     if cfg.mask_truncated:
         mask = mask & ~truncated[:, None]
     return Rollout(ids=torch.cat([pids, out], 1), attn=torch.cat([pmask, cmask], 1), mask=mask,
-                   rewards=scores, total=total, advantages=advantages, texts=texts, truncated=truncated, lengths=lengths,
+                   sampler_logp=sampler_logp, rewards=scores, total=total, advantages=advantages, texts=texts, truncated=truncated, lengths=lengths,
                    times={"sample": t1 - t0, "score": t2 - t1})
 
 
 def learn(model, batch: Rollout, cfg: GRPOConfig, optimizer, scheduler=None, profiler=None) -> dict:
     """`num_iterations` optimiser steps on one rollout, each a micro-batched backward over all of it.
 
-    `profiler`, when given, has its `record()` called after each backward, before clipping, so it
-    sees the accumulated gradient of the whole batch.
+    `profiler`, when given, has its `record()` called once, after the first pass's backward over every
+    micro-batch and before clipping, so it sees the accumulated gradient of the whole batch: one
+    profile row per step, the gradient at the policy that sampled, whatever `num_iterations` is.
     """
     t0 = time.perf_counter()
     n_local, Tc = batch.mask.shape
@@ -183,7 +209,7 @@ def learn(model, batch: Rollout, cfg: GRPOConfig, optimizer, scheduler=None, pro
 
     def logps(s, grad=False, entropy=False):
         with torch.set_grad_enabled(grad):
-            return completion_logprobs(model, batch.ids[s], batch.attn[s], Tc, entropy)
+            return completion_logprobs(model, batch.ids[s], batch.attn[s], Tc, entropy, cfg.temperature)
 
     ref = old = None
     if cfg.beta != 0:
@@ -196,27 +222,35 @@ def learn(model, batch: Rollout, cfg: GRPOConfig, optimizer, scheduler=None, pro
     stats = {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "loss": 0.0, "grad_norm": 0.0}
     for it in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(4, device=batch.ids.device)  # kl, clipped, entropy over valid tokens; loss
+        # over valid tokens: kl, active clips, entropy, |logp_old - logp_sampler|, importance weight; the loss
+        sums = torch.zeros(6, device=batch.ids.device)
+        gap_max = torch.zeros((), device=batch.ids.device)
         for s in chunks:
             logp, ent = logps(s, grad=True, entropy=it == 0)
             old_s = logp.detach() if old is None else old[s]
             ref_s = logp.detach() if ref is None else ref[s]
             m = batch.mask[s]
+            w = importance_weight(old_s, batch.sampler_logp[s], cfg.is_cap) if cfg.is_cap else None
             tok_loss, ratio, kl = per_token_loss(logp, old_s, ref_s, batch.advantages[s], m, cfg.beta,
-                                                 cfg.eps_low, cfg.eps_high)
+                                                 cfg.eps_low, cfg.eps_high, w)
             loss = aggregate(tok_loss, m, cfg.loss_type, N, n_tokens, cfg.max_new_tokens)
             loss.backward()
             with torch.no_grad():
-                clipped = ((ratio < 1 - cfg.eps_low) | (ratio > 1 + cfg.eps_high)).float()
+                clipped = active_clipping(ratio, batch.advantages[s], cfg.eps_low, cfg.eps_high)
                 ent_sum = (ent * m).sum() if ent is not None else torch.zeros((), device=m.device)
-                sums += torch.stack([(kl * m).sum(), (clipped * m).sum(), ent_sum, loss.detach()])
+                gap = torch.where(m, (old_s - batch.sampler_logp[s]).abs(), 0.0)
+                w_sum = (w * m).sum() if w is not None else m.sum()
+                sums += torch.stack([(kl * m).sum(), (clipped * m).sum(), ent_sum, gap.sum(), w_sum, loss.detach()])
+                gap_max = torch.maximum(gap_max, gap.max())
         sums = parallel.all_reduce_sum(sums)
-        grad_norm = optimizer_step(params, optimizer, scheduler, profiler, cfg.max_grad_norm)
-        kl_sum, clip_sum, ent_sum = (sums[:3] / max(n_tokens, 1)).tolist()
-        stats["kl"], stats["clip_frac"], stats["loss"] = kl_sum, clip_sum, sums[3].item()
+        grad_norm = optimizer_step(params, optimizer, scheduler, profiler if it == 0 else None, cfg.max_grad_norm)
+        kl_mean, clip_mean, ent_mean, gap_mean, w_mean = (sums[:5] / max(n_tokens, 1)).tolist()
+        stats["kl"], stats["clip_frac"], stats["loss"] = kl_mean, clip_mean, sums[5].item()
         stats["grad_norm"] = grad_norm
         if it == 0:
-            stats["entropy"] = ent_sum
+            stats["entropy"] = ent_mean
+            stats["logp_mismatch_mean"], stats["logp_mismatch_max"] = gap_mean, gap_max.item()
+            stats["is_weight_mean"] = w_mean
     optimizer.zero_grad(set_to_none=True)
     stats["time_learn"] = time.perf_counter() - t0
     return stats

@@ -252,7 +252,7 @@ def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int = 51
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
         prompts = [tokenizer.encode(prompt_text(ex.question, tokenizer.chat)) for ex in batch]
-        out, mask = generate(model, prompts, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id,
+        out, mask, _ = generate(model, prompts, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id,
                              temperature=temperature, generator=gen, compile=compile)
         for ex, ids, m in zip(batch, out.tolist(), mask.sum(-1).tolist()):
             text = tokenizer.decode(ids[:m])

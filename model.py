@@ -316,9 +316,14 @@ def causal_bias(key_bias: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- log-probs
 
-def completion_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_completion: int, entropy: bool = False):
-    """fp32 log-probs [N, Tc] of the last Tc tokens of ids [N, T] (and the policy's entropy there)."""
+def completion_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_completion: int, entropy: bool = False,
+                        temperature: float = 1.0):
+    """fp32 log-probs [N, Tc] of the last Tc tokens of ids [N, T] under softmax(logits / temperature)
+    (and that distribution's entropy there). GRPO passes its sampling temperature, so the policy it
+    trains is the one that sampled (as TRL does)."""
     logits = model(ids, attn, num_logits=n_completion + 1)[:, :-1].float()  # (N, Tc, V) predicts the tail
+    if temperature != 1.0:
+        logits = logits / temperature
     targets = ids[:, -n_completion:]
     logp = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
     if not entropy:

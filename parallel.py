@@ -108,7 +108,8 @@ def merge_metrics(parts: list[dict]) -> dict:
     out = {}
     for k, v in parts[0].items():
         vals = [p[k] for p in parts]
-        if not isinstance(v, (int, float)) or k in ("lr", "loss", "grad_norm", "kl", "clip_frac", "entropy"):
+        if not isinstance(v, (int, float)) or k in ("lr", "loss", "grad_norm", "kl", "clip_frac", "entropy",
+                                      "logp_mismatch_mean", "is_weight_mean"):
             out[k] = v  # identical on every rank (all-reduced), or not a number
         elif k == "tokens":
             out[k] = sum(vals)

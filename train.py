@@ -88,8 +88,10 @@ class TrainConfig:
     prompts_per_step: int = opt(4, "prompts per step (the study: 4)")
     num_generations: int = opt(4, "completions per prompt, K (the study: 4)")
     max_new_tokens: int = opt(512, "completion length cap: GSM8K reasoning fits in 512 for Qwen2.5-1.5B")
-    temperature: float = opt(1.0, "sampling temperature (1.0: the policy's own distribution)")
-    top_p: float = opt(1.0, "nucleus sampling (1.0: off, so log-probs are the sampler's)")
+    temperature: float = opt(1.0, "sampling temperature T; the learner's log-probs use the same softmax(logits/T)")
+    top_p: float = opt(1.0, "nucleus sampling (1.0: off); the learner does not correct for the truncation, as in TRL")
+    is_cap: float = opt(3.0, "cap of the per-token importance weight pi_old/pi_sampler for the sampler-learner "
+                             "mismatch (bf16 merged sampling; TRL's C_max); 0: off")
     lr: float = opt(1e-5, "peak learning rate (LoRA GRPO recipes use 5e-6 to 2e-5)")
     warmup_steps: int = opt(50, "linear warm-up steps")
     lr_schedule: str = opt("cosine", "constant | cosine (to 10% of the peak)")
@@ -179,6 +181,10 @@ def check(cfg: TrainConfig):
         raise SystemExit(f"error: --lr-schedule {cfg.lr_schedule!r} unknown; allowed: constant, cosine")
     if cfg.compile not in ("auto", "on", "off"):
         raise SystemExit(f"error: --compile {cfg.compile!r} unknown; allowed: auto, on, off")
+    if not cfg.temperature > 0:
+        raise SystemExit(f"error: --temperature {cfg.temperature}: GRPO samples, so it must be > 0")
+    if cfg.is_cap < 0:
+        raise SystemExit(f"error: --is-cap {cfg.is_cap}: must be >= 0 (0 turns the correction off)")
 
 
 def log(msg: str):
@@ -314,7 +320,8 @@ class Run:
             num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             top_p=cfg.top_p, beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_type=cfg.loss_type,
             scale_rewards=cfg.scale_rewards, num_iterations=cfg.num_iterations, mask_truncated=cfg.mask_truncated,
-            micro_batch=cfg.micro_batch, max_grad_norm=cfg.max_grad_norm, compile_decode=self.compile)
+            micro_batch=cfg.micro_batch, max_grad_norm=cfg.max_grad_norm, compile_decode=self.compile,
+            is_cap=cfg.is_cap)
         self.dynamic_cfg = dynamic.DynamicConfig(cfg.dynamic_every, cfg.dynamic_t_init, cfg.dynamic_t_final,
                                                  cfg.dynamic_window, cfg.dynamic_normalised)
         self.rewards = {"correct": lambda text, ex: gsm8k.correct_reward(text, ex.gold),

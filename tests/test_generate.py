@@ -12,7 +12,7 @@ def test_greedy_generate_equals_transformers(hf_pair):
     ours = M.from_pretrained(folder)
     prompts = [[5, 9, 2, 7, 11, 3], [8, 4, 6]]
     stop, pad = 1, 0  # eos_token_id=1 in the tiny config
-    out, mask = G.generate(ours, prompts, max_new_tokens=12, stop_ids=[stop], pad_id=pad)
+    out, mask, _ = G.generate(ours, prompts, max_new_tokens=12, stop_ids=[stop], pad_id=pad)
     for i, p in enumerate(prompts):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=stop,
                           pad_token_id=pad)[0, len(p):]
@@ -28,8 +28,8 @@ def test_sampling_is_seeded_and_masks_after_stop(hf_pair):
     prompts = [[5, 9, 2], [8, 4, 6, 1, 2]]
     runs = [G.generate(ours, prompts, 20, stop_ids=[1, 2], pad_id=0, num_samples=4, temperature=1.5,
                        top_k=50, top_p=0.95, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
-    (a, ma), (b, mb) = runs
-    assert a.shape[0] == 8 and torch.equal(a, b) and torch.equal(ma, mb)
+    (a, ma, la), (b, mb, lb) = runs
+    assert a.shape[0] == 8 and torch.equal(a, b) and torch.equal(ma, mb) and torch.equal(la, lb)
     for row, m in zip(a, ma):
         stops = [t for t, x in enumerate(row.tolist()) if x in (1, 2)]
         n = int(m.sum())
@@ -38,6 +38,7 @@ def test_sampling_is_seeded_and_masks_after_stop(hf_pair):
         else:
             assert n == row.shape[0]
         assert m[:n].all()
+        assert (la[ma == 0] == 0).all() and (la[ma == 1] <= 0).all()  # log-probs of real tokens only
 
 
 def test_top_k_and_top_p_restrict_support():
@@ -63,8 +64,8 @@ def test_fast_sampling_paths_equal_the_plain_ones(hf_pair):
     _, folder = hf_pair
     ours = M.from_pretrained(folder)
     prompts = [[5, 9, 2, 7], [8, 4, 6]]
-    a, ma = G.generate(ours, prompts, 10, stop_ids=[1], pad_id=0, num_samples=3, temperature=0.0)
-    b, mb = G.generate(ours, [p for p in prompts for _ in range(3)], 10, stop_ids=[1], pad_id=0)
+    a, ma, _ = G.generate(ours, prompts, 10, stop_ids=[1], pad_id=0, num_samples=3, temperature=0.0)
+    b, mb, _ = G.generate(ours, [p for p in prompts for _ in range(3)], 10, stop_ids=[1], pad_id=0)
     assert torch.equal(a, b) and torch.equal(ma, mb)
     L.apply_lora(ours, r=4)
     with torch.no_grad():
@@ -117,6 +118,7 @@ def test_compiled_decode_step_equals_eager(hf_pair):
             eager = G.generate(ours, prompts, 12, generator=g(), **kw)
             compiled = G.generate(ours, prompts, 12, generator=g(), compile=True, **kw)
         assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+        assert torch.allclose(eager[2], compiled[2], atol=1e-5)
 
 
 def test_compiled_calls_with_other_settings_get_their_own_graph(hf_pair):
@@ -132,3 +134,21 @@ def test_compiled_calls_with_other_settings_get_their_own_graph(hf_pair):
         compiled = G.generate(ours, [[5, 9, 2, 7], [8, 4, 6]], 10, stop_ids=[1], pad_id=0, generator=g(),
                               compile=True, **kw)
         assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1]), kw
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampler_logprobs_are_the_tokens_log_softmax_at_the_temperature(hf_pair, temperature):
+    """Each drawn token's log-prob is log softmax(logits / T) of a full forward over the sequence: what the
+    learner computes (model.completion_logprobs), so the two policies can be compared token for token."""
+    _, folder = hf_pair
+    ours = M.from_pretrained(folder)
+    prompts = [[5, 9, 2, 7], [8, 4, 6]]
+    out, mask, logp = G.generate(ours, prompts, 8, stop_ids=[1], pad_id=0, num_samples=2,
+                                 temperature=temperature, generator=torch.Generator().manual_seed(3))
+    for i in range(out.shape[0]):
+        p = prompts[i // 2]
+        n = int(mask[i].sum())
+        ids = torch.tensor([p + out[i, :n].tolist()])
+        full = (ours(ids)[0, len(p) - 1:-1].float() / temperature).log_softmax(-1)  # (n, V)
+        expected = full.gather(-1, out[i, :n, None])[:, 0]
+        assert torch.allclose(logp[i, :n], expected, atol=1e-5), (logp[i, :n], expected)

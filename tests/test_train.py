@@ -204,9 +204,11 @@ def test_every_command_line_prints_its_help():
 
 
 def test_compiled_decoding_trains_identically(tmp_path):
-    """--compile on (the default on CUDA) samples and evaluates exactly as eager decoding does."""
+    """--compile on (the default on CUDA) samples and evaluates exactly as eager decoding does. The sampler's
+    log-probs differ at rounding level between the two (fused kernels), and with them the importance
+    weights, so the bit-for-bit comparison of the adapters runs without the correction (--is-cap 0)."""
     from safetensors.torch import load_file
-    args = ["--preset", "tiny", "--steps", "3", "--eval-n", "8", "--eval-every", "0"]
+    args = ["--preset", "tiny", "--steps", "3", "--eval-n", "8", "--eval-every", "0", "--is-cap", "0"]
     run([*args, "--compile", "off", "--out", "runs/eager"], tmp_path)
     run([*args, "--compile", "on", "--out", "runs/compiled"], tmp_path)
     a = load_file(tmp_path / "runs/eager/adapter/adapter_model.safetensors")
