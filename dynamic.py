@@ -12,7 +12,10 @@ training, AdaLoRA-style" (Zhang et al., arXiv 2303.10512). `--strategy dynamic` 
   allocation  allocate.proportional on that importance: same total budget, within [r_min, r_max].
   the move    LoRALinear.set_rank: adapters live in buffers of capacity r_max, so shapes never change
               and the optimiser keeps its parameters; s·B·A is re-factored by an SVD, so growing keeps
-              the output exactly and shrinking keeps the most significant directions. The AdamW moments
+              the output exactly and shrinking keeps the most significant directions. A keeps its
+              initial row scale and B absorbs the rest, so a layer's gradient norm (the next importance
+              estimate) changes only by the scale policy's s·√r, not by the move; new directions start
+              as fresh LoRA directions, and the scale is the policy's for the new rank. The AdamW moments
               of a moved module are reset, since they belonged to the old factorisation.
 
 AdaLoRA's own P·Λ·Q parametrisation with an orthogonality penalty and sensitivity-based importance is

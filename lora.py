@@ -113,12 +113,18 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def set_rank(self, r: int, scale: float, generator: torch.Generator | None = None):
-        """Move to rank r (<= capacity) with scale `scale`, keeping what the adapter has learned.
+        """Move to rank r (<= capacity) with scale `scale`, keeping what the adapter has learned and its balance.
 
-        The product s·B·A is re-factored by its SVD: growing (or keeping the rank) reproduces it
-        exactly, the new directions starting with B = 0 and a fresh Kaiming-uniform A; shrinking
-        keeps its r largest singular directions. Unused rows/columns are zeroed. The SVD is taken
-        through QR factors of B and Aᵀ, so it costs O((in + out)·r²), not a full out x in SVD.
+        The product s·B·A is re-factored by its SVD U·S·Vh (taken through QR factors of B and Aᵀ, so it
+        costs O((in + out)·r²), not a full out x in SVD). A's kept rows are the top right-singular
+        directions at A's initial row scale (Kaiming-uniform rows have norm 1/√3 whatever the width) and
+        B absorbs the rest, U·S·√3: so ‖∇B‖ (which scales with A) and ‖∇A‖ (with s·B) keep their
+        magnitudes through a move, and the next importance estimate is not moved by the move itself. An
+        even split of S between A and B would shrink A's rows (‖∇B‖ falls ~3x on a 1536-wide adapter)
+        and leave an adapter whose B is zero with A = 0 too, dead forever. Growing (or keeping the rank)
+        reproduces the product exactly, the new directions starting as fresh LoRA directions (a
+        Kaiming-uniform A row, a zero B column); shrinking keeps the r largest singular directions.
+        Unused rows/columns are zeroed.
         """
         if not 1 <= r <= self.capacity:
             raise ValueError(f"rank {r} outside [1, capacity {self.capacity}]")
@@ -126,16 +132,20 @@ class LoRALinear(nn.Module):
         QA, RA = torch.linalg.qr(self.A.T)  # (in, r0), (r0, r0)
         U, S, Vh = torch.linalg.svd((self.scale / scale) * RB @ RA.T)  # s·B·A / s' = QB·U·S·Vh·QAᵀ
         k = min(r, self.r)  # the product has rank <= the old r
-        root = S[:k].sqrt()
+        c = A_ROW_NORM
         A, B = self.lora_A.weight, self.lora_B.weight
-        new_B = (QB @ U[:, :k]) * root  # (out, k)
-        new_A = root[:, None] * (Vh[:k] @ QA.T)  # (k, in)
+        new_B = (QB @ U[:, :k]) * (S[:k] / c)  # (out, k)
+        new_A = c * (Vh[:k] @ QA.T)  # (k, in): orthogonal rows of norm c
         B.zero_()
         B[:, :k] = new_B
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
         A[:k] = new_A
         A[r:] = 0
         self.r, self.scale = r, scale
+
+
+# The row norm of a Kaiming-uniform(a=√5) A: entries U(-1/√in, 1/√in) have variance 1/(3·in).
+A_ROW_NORM = 1 / math.sqrt(3)
 
 
 # --------------------------------------------------------------------------------------- patterns
