@@ -10,11 +10,23 @@ so it sees the accumulated gradient) computes every ‖∇A‖ and ‖∇B‖ in
 Saved as run_dir/profile.safetensors: grad_norms [steps, layers, modules, 2], ranks and scales
 [steps, layers, modules] (they change under dynamic allocation), plus profile_summary.json.
 
-Analysis. A layer's gradient at a step is the L2 norm of all its LoRA gradients together; its share
-is its mean over steps divided by the sum over layers. Every statistic is reported raw and
-rank-normalised: at initialisation ∇B = s·G(Ax)ᵀ, whose norm grows like s·√r, so a raw norm partly
-measures the rank and the scale policy themselves (fixed alpha: r^-0.5, alpha ∝ r: r^+0.5, rsLoRA:
-flat). The normalised view divides each matrix's norm by its module's s·√r before combining.
+Analysis. The study names its statistics but does not define them; these are the project's choices
+(DEFINITIONS, saved in every profile_summary.json), with the alternatives printed beside them:
+  layer norm      the L2 norm of all the layer's LoRA gradients together (7 modules x {A, B}):
+                  sqrt of the sum of the 14 squared matrix norms, not the sum of the norms
+  share           a layer's mean norm over steps / the sum over layers, of norms, not of squared
+                  norms (squaring roughly squares max/min: 2.17x becomes ~4.7x)
+  top 30%         the share of the top 0.3·L layers, the fractional last layer counted by its fraction
+                  (28 layers: 8.4; the top 8 and the top 9 are printed too)
+  early vs late   Pearson correlation of the shares over the first and the last third of the steps
+                  (halves printed too)
+  rank~shift      Pearson correlation, over layers, of a run's rank and its change of share against a
+                  uniform run (the study's "amplification"); "no shift" when every change is below
+                  SHIFT_TOL, where a correlation would only measure rounding noise
+Every statistic is reported raw and rank-normalised: at initialisation ∇B = s·G(Ax)ᵀ, whose norm grows
+like s·√r, so a raw norm partly measures the rank and the scale policy themselves (fixed alpha: r^-0.5,
+alpha ∝ r: r^+0.5, rsLoRA: flat). The normalised view divides each matrix's norm by its module's s·√r
+before combining. The tables name each run's scale policy, since the raw rank~shift sign depends on it.
 
     python profiler.py RUN_DIR [RUN_DIR ...] [--plot FILE.png]
 """
@@ -33,11 +45,22 @@ import torch
 from lora import TARGETS, layer_of, lora_modules
 
 PROFILE_FILE, SUMMARY_FILE = "profile.safetensors", "profile_summary.json"
+SHIFT_TOL = 1e-4  # percentage points: share changes all below this are rounding noise, not a shift
+DEFINITIONS = {
+    "layer_norm": "sqrt of the sum of the squared gradient norms of the layer's LoRA matrices (7 modules x A, B)",
+    "share": "a layer's mean norm over steps / the sum over layers, in % (norms, not squared norms)",
+    "max_min_ratio": "largest share / smallest share (max_min_ratio_squared: the same of squared-norm shares)",
+    "top30_share": "share of the top 0.3*L layers, a fractional last layer counted by its fraction "
+                   "(top30_share_floor / _ceil: the top floor(0.3*L) / ceil(0.3*L) layers)",
+    "early_late_corr": "Pearson correlation of the shares over the first and the last third of the steps "
+                       "(early_late_corr_halves: first and last half)",
+    "normalised": "each matrix's norm divided by its module's s*sqrt(r) before combining",
+}
 
 
 class GradientProfiler:
-    def __init__(self, model, num_layers: int | None = None):
-        self.model = model
+    def __init__(self, model, num_layers: int | None = None, scale_policy: str | None = None):
+        self.model, self.scale_policy = model, scale_policy  # the policy is written into the summary
         self.num_layers = num_layers or model.config.num_hidden_layers
         self.kinds = list(TARGETS)
         self.grad_norms: list[np.ndarray] = []  # one [L, M, 2] row per recorded step
@@ -96,7 +119,7 @@ class GradientProfiler:
         save_file({"grad_norms": p.grad_norms, "ranks": p.ranks, "scales": p.scales}, tmp, metadata=meta)
         os.replace(tmp, os.path.join(run_dir, PROFILE_FILE))
         if len(self):
-            atomic_json(os.path.join(run_dir, SUMMARY_FILE), summary(p))
+            atomic_json(os.path.join(run_dir, SUMMARY_FILE), summary(p, self.scale_policy))
 
     def load(self, run_dir: str):
         """Continue from a saved history (resume)."""
@@ -150,16 +173,19 @@ def layer_norms(p: Profile, normalised: bool = False) -> np.ndarray:
     return np.sqrt(np.nansum(g ** 2, axis=(2, 3)))
 
 
-def layer_shares(p: Profile, normalised: bool = False, steps: slice = slice(None)) -> np.ndarray:
-    """Each layer's share (%) of the total gradient, from its mean norm over `steps`."""
-    mean = layer_norms(p, normalised)[steps].mean(0)
+def layer_shares(p: Profile, normalised: bool = False, steps: slice = slice(None), power: int = 1) -> np.ndarray:
+    """Each layer's share (%) of the total gradient, from its mean norm (power=2: squared norm) over `steps`."""
+    mean = (layer_norms(p, normalised)[steps] ** power).mean(0)
     return 100 * mean / mean.sum()
 
 
-def top_share(shares: np.ndarray, fraction: float = 0.3) -> float:
-    """Share (%) carried by the top `fraction` of layers, interpolating a fractional last layer."""
+def top_share(shares: np.ndarray, fraction: float = 0.3, rounding: str = "interpolate") -> float:
+    """Share (%) carried by the top `fraction` of layers: a fractional last layer counted by its fraction
+    ("interpolate"), or the top floor/ceil(fraction·L) layers whole ("floor", "ceil")."""
     s = np.sort(shares)[::-1]
     k = fraction * len(s)
+    if rounding != "interpolate":
+        return float(s[:int(math.floor(k) if rounding == "floor" else math.ceil(k))].sum())
     whole = int(math.floor(k))
     return float(s[:whole].sum() + (k - whole) * (s[whole] if whole < len(s) else 0.0))
 
@@ -171,57 +197,90 @@ def pearson(x, y) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def flatness(p: Profile, normalised: bool = False) -> dict:
-    """The study's statistics for one run."""
-    s = layer_shares(p, normalised)
+def early_late(p: Profile, normalised: bool = False, part: int = 3) -> float:
+    """Correlation of the per-layer shares over the first and the last 1/part of the steps."""
     n = len(p.grad_norms)
-    third = max(1, n // 3)
-    early, late = layer_shares(p, normalised, slice(0, third)), layer_shares(p, normalised, slice(n - third, n))
+    w = max(1, n // part)
+    return pearson(layer_shares(p, normalised, slice(0, w)), layer_shares(p, normalised, slice(n - w, n)))
+
+
+def flatness(p: Profile, normalised: bool = False) -> dict:
+    """The study's statistics for one run (see DEFINITIONS), with the alternatives beside them."""
+    s = layer_shares(p, normalised)
+    sq = layer_shares(p, normalised, power=2)
     return {"hottest_layer": int(s.argmax()), "hottest_share": float(s.max()), "coldest_layer": int(s.argmin()),
             "coldest_share": float(s.min()), "max_min_ratio": float(s.max() / s.min()),
-            "top30_share": top_share(s, 0.3), "early_late_corr": pearson(early, late), "steps": n,
-            "shares": [float(x) for x in s]}
+            "max_min_ratio_squared": float(sq.max() / sq.min()),
+            "top30_share": top_share(s, 0.3), "top30_share_floor": top_share(s, 0.3, "floor"),
+            "top30_share_ceil": top_share(s, 0.3, "ceil"),
+            "early_late_corr": early_late(p, normalised), "early_late_corr_halves": early_late(p, normalised, 2),
+            "steps": len(p.grad_norms), "shares": [float(x) for x in s]}
 
 
 def amplification(base: Profile, other: Profile, normalised: bool = False) -> float:
-    """Correlation between a run's allocated rank and its change of gradient share vs the base run."""
+    """Correlation between a run's allocated rank and its change of gradient share vs the base run;
+    NaN ("no shift") when no share moved by SHIFT_TOL, where a correlation would be of rounding noise."""
     shift = layer_shares(other, normalised) - layer_shares(base, normalised)
+    if np.abs(shift).max() < SHIFT_TOL:
+        return float("nan")
     return pearson(other.layer_ranks, shift)
 
 
-def summary(p: Profile) -> dict:
+def summary(p: Profile, scale_policy: str | None = None) -> dict:
     return {"raw": flatness(p), "normalised": flatness(p, True), "layer_ranks": p.layer_ranks.tolist(),
-            "modules": p.kinds}
+            "modules": p.kinds, "scale_policy": scale_policy, "definitions": DEFINITIONS}
 
 
 # ------------------------------------------------------------------------------------------- report
 
+def run_config(run_dir: str) -> dict:
+    """The run's config.json ({} when there is none, e.g. a bare profile folder)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def run_label(run_dir: str) -> str:
-    cfg = os.path.join(run_dir, "config.json")
-    if os.path.isfile(cfg):
-        with open(cfg) as f:
-            c = json.load(f)
-        return f"{c.get('algo', 'grpo')}:{c.get('strategy', '?')}"
+    """The run folder's name: three uniform runs must be told apart."""
     return os.path.basename(os.path.normpath(run_dir))
 
 
+def fmt_amp(x: float) -> str:
+    return "no shift" if math.isnan(x) else f"{x:.3f}"
+
+
 def report(run_dirs: list[str]) -> str:
-    """The flatness statistics of each run, raw and rank-normalised, and amplification vs a uniform run."""
+    """The flatness statistics of each run, raw and rank-normalised, amplification vs a uniform run, and
+    the same statistics under the alternative definitions."""
     profiles = [load_profile(d) for d in run_dirs]
     labels = [run_label(d) for d in run_dirs]
-    lines = [f"{'run':<22} {'view':<5} {'steps':>5} {'hot(L)':>8} {'cold(L)':>8} {'max/min':>7} {'top30%':>6} "
-             f"{'early~late':>10} {'rank~shift':>10}"]
+    configs = [run_config(d) for d in run_dirs]
+    w = max(22, *(len(x) for x in labels))
+    lines = [f"{'run':<{w}} {'algo':<4} {'policy':<8} {'view':<4} {'steps':>5} {'hot(L)':>9} {'cold(L)':>9} "
+             f"{'max/min':>7} {'top30%':>6} {'early~late':>10} {'rank~shift':>10}"]
     uniform = [i for i, p in enumerate(profiles) if np.ptp(p.layer_ranks) == 0]
     base = profiles[uniform[0]] if uniform else None
-    for label, p in zip(labels, profiles):
+    alternatives = []
+    for label, p, c in zip(labels, profiles, configs):
+        policy = c.get("scale_policy", "?")
         for view, norm in (("raw", False), ("norm", True)):
             f = flatness(p, norm)
-            amp = "" if base is None or p is base else f"{amplification(base, p, norm):10.3f}"
-            lines.append(f"{label:<22} {view:<5} {f['steps']:>5} {f['hottest_share']:>5.2f}({f['hottest_layer']:>2})"
-                         f"{f['coldest_share']:>6.2f}({f['coldest_layer']:>2}) {f['max_min_ratio']:>7.2f} "
-                         f"{f['top30_share']:>6.1f} {f['early_late_corr']:>10.3f} {amp:>10}")
+            amp = "" if base is None or p is base else fmt_amp(amplification(base, p, norm))
+            lines.append(f"{label:<{w}} {c.get('algo', '?'):<4} {policy:<8} {view:<4} {f['steps']:>5} "
+                         f"{f['hottest_share']:>5.2f}({f['hottest_layer']:>2}) {f['coldest_share']:>5.2f}"
+                         f"({f['coldest_layer']:>2}) {f['max_min_ratio']:>7.2f} {f['top30_share']:>6.1f} "
+                         f"{f['early_late_corr']:>10.3f} {amp:>10}")
+            alternatives.append(f"{label:<{w}} {view:<4} {f['max_min_ratio_squared']:>11.2f} "
+                                f"{f['top30_share_floor']:>7.1f} {f['top30_share_ceil']:>7.1f} "
+                                f"{f['early_late_corr_halves']:>11.3f}")
     if base is None and len(profiles) > 1:
         lines.append("(no run with uniform ranks among these: rank~shift needs one as the baseline)")
+    k = 0.3 * profiles[0].grad_norms.shape[1]
+    lines += ["", "The same under other definitions (the study does not define them; see profiler.py):",
+              f"{'run':<{w}} {'view':<4} {'max/min sq':>11} {f'top {math.floor(k)}':>7} {f'top {math.ceil(k)}':>7} "
+              f"{'early~late½':>11}", *alternatives]
     return "\n".join(lines)
 
 

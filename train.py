@@ -314,7 +314,7 @@ class Run:
             self.model.gradient_checkpointing = cfg.grad_checkpointing
             self.opt = grpo.make_optimizer(self.model, cfg.lr, cfg.weight_decay)
             self.sched = grpo.make_scheduler(self.opt, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
-            self.profiler = GradientProfiler(self.model)
+            self.profiler = GradientProfiler(self.model, scale_policy=cfg.scale_policy)
         self.compile = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda")
         self.grpo_cfg = grpo.GRPOConfig(
             num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
