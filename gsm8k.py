@@ -12,11 +12,15 @@ format most public GRPO-on-GSM8K recipes for Qwen2.5-Instruct use:
 
 Two rewards, pure functions of (completion text, gold answer), that never raise:
   format_reward   strict: 1 when the whole completion is exactly that layout, else 0.
-                  partial (strict=False): 0.25 for each of the four tags present exactly once, and
-                  the tags in order, so a model gets a gradient towards the format before it has it.
+                  partial (strict=False): 0.25 for each tag in the largest set of tags that each
+                  appear exactly once and stand in the layout's order (<reasoning>, </reasoning>,
+                  <answer>, </answer>), so a model gets a gradient towards the format before it has it,
+                  and all four tags out of order score 0.25, not 1.
   correct_reward  1 when the <answer> block holds exactly one number and it equals the gold answer;
-                  "1,000", "$18", "18.00", "18.", "-3", "1/2" and words around the number are fine,
-                  two numbers ("3 + 15 = 18") or none are not.
+                  "1,000", "$18", "18.00", "18.", "-3", "−3", "1/2" and words around the number are
+                  fine, two numbers ("3 + 15 = 18") or none are not. Before parsing, the Unicode minus
+                  signs U+2212, U+FE63 and U+FF0D become "-"; nothing else is normalised (other
+                  Unicode digits or dashes are not read as numbers or signs).
 The evaluation reports strict accuracy (the correctness reward) with a 95% Wilson interval, the
 format rate and, for models that ignore the tags, a lenient accuracy (the last number anywhere).
 """
@@ -121,7 +125,10 @@ def load_gsm8k(split: str, path: str | None = None) -> list[Example]:
     return examples
 
 
-def subset(examples: list[Example], n: int | None, seed: int = 0) -> list[Example]:
+EVAL_SEED = 0  # evaluation subsets never follow a run's training seed: every seed scores the same problems
+
+
+def subset(examples: list[Example], n: int | None, seed: int = EVAL_SEED) -> list[Example]:
     """A fixed-seed sample of n examples (all of them when n is None), in their original order."""
     if n is None or n >= len(examples):
         return examples
@@ -175,9 +182,12 @@ NUMBER = re.compile(r"(?<![\w.,/-])(-?)\$?(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+)|\.(
 MAX_DIGITS = 40  # longer "numbers" are not answers; also keeps int() away from huge strings
 
 
+MINUS_SIGNS = str.maketrans({"\u2212": "-", "\ufe63": "-", "\uff0d": "-"})  # minus, small and fullwidth hyphen-minus
+
+
 def parse_number(text: str) -> Fraction | None:
     """The single number in `text` as an exact Fraction, or None (none, several, or malformed)."""
-    found = list(NUMBER.finditer(text))
+    found = list(NUMBER.finditer(text.translate(MINUS_SIGNS)))
     return _to_fraction(found[0]) if len(found) == 1 else None
 
 
@@ -200,14 +210,18 @@ def answer_block(text: str) -> str | None:
 
 
 def format_reward(text: str, strict: bool = True) -> float:
-    """1 for exactly the answer layout; with strict=False 0.25 per tag present once, in order."""
+    """1 for exactly the answer layout; with strict=False 0.25 per tag of the largest set of tags that
+    each appear once and stand in the layout's order."""
     if strict:
         return 1.0 if STRICT_FORMAT.fullmatch(text) else 0.0
-    positions = [text.find(t) for t in TAGS]
-    once = [text.count(t) == 1 for t in TAGS]
-    if all(once) and positions == sorted(positions):
-        return 1.0
-    return 0.25 * sum(once)
+    positions = [text.find(t) for t in TAGS if text.count(t) == 1]  # in the layout's order of tags
+    # the longest run of these, not necessarily adjacent, whose positions increase (4 tags: O(16))
+    longest = [1] * len(positions)
+    for j in range(len(positions)):
+        for i in range(j):
+            if positions[i] < positions[j]:
+                longest[j] = max(longest[j], longest[i] + 1)
+    return 0.25 * max(longest, default=0)
 
 
 def extract_answer(text: str) -> Fraction | None:
@@ -222,7 +236,7 @@ def correct_reward(text: str, gold: Fraction) -> float:
 
 def lenient_answer(text: str) -> Fraction | None:
     """The last number anywhere in the completion (for models that ignore the tags)."""
-    found = list(NUMBER.finditer(text))
+    found = list(NUMBER.finditer(text.translate(MINUS_SIGNS)))
     return _to_fraction(found[-1]) if found else None
 
 

@@ -7,7 +7,8 @@ The table has the study's columns (strategy, rank range, LoRA parameters, GSM8K 
 95% Wilson interval, format rate) plus the number of test problems. Runs of one strategy under
 several seeds get a summary line: mean and standard deviation of accuracy across seeds.
 
-`--compare` pairs two runs problem by problem (their eval_final.jsonl) and gives McNemar's exact test
+`--compare` pairs two runs problem by problem (their eval_final.jsonl; both must have been evaluated on
+the same problems, or it refuses) and gives McNemar's exact test
 (a binomial test on the problems exactly one of them solved) and a paired bootstrap 95% interval of
 the accuracy difference. On 200 problems a 4.5-point gap such as the study's 74.5% vs 70.0% is 9
 problems, and is only significant when the two runs disagree on few problems.
@@ -99,9 +100,10 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed
 
 def compare(run_a: str, run_b: str) -> dict:
     ca, cb = load_correct(run_a), load_correct(run_b)
-    common = sorted(set(ca) & set(cb))
-    if not common:
-        raise SystemExit("error: the two runs share no evaluated problem")
+    if set(ca) != set(cb):  # a pairing over the overlap would silently compare other test sets
+        raise SystemExit(f"error: {run_a} and {run_b} were evaluated on different problems ({len(ca)} and {len(cb)} "
+                         f"problems, {len(set(ca) & set(cb))} shared); evaluate both on the same set (--eval-n)")
+    common = sorted(ca)
     a = np.array([ca[i] for i in common], float)
     b = np.array([cb[i] for i in common], float)
     only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())

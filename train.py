@@ -111,7 +111,8 @@ class TrainConfig:
     reward_format: float = opt(0.5, "weight of the format reward")
     format_strict: bool = opt(False, "strict format reward instead of partial credit (0.25 per tag)")
     # --- evaluation and bookkeeping
-    eval_n: int | None = opt(None, "test problems for the final evaluation (default all 1,319)")
+    eval_n: int | None = opt(None, "test problems for the final evaluation (default all 1,319); a subset is drawn "
+                                   "with gsm8k.EVAL_SEED, the same for every training seed")
     eval_every: int = opt(0, "evaluate every N steps on --eval-every-n problems (0: final only)")
     eval_every_n: int = opt(200, "problems in each periodic evaluation")
     eval_max_new_tokens: int = opt(512, "completion cap in evaluation")
@@ -472,7 +473,7 @@ def train(run: Run, stop_after: int | None):
             per_step = (time.perf_counter() - t_start) / done
             log(progress_line(run.step, cfg.steps, m, m["time_step"], per_step * (cfg.steps - run.step)))
             if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
-                res = run.evaluate(gsm8k.subset(run.test_set, cfg.eval_every_n, cfg.seed), f"step{run.step}")
+                res = run.evaluate(gsm8k.subset(run.test_set, cfg.eval_every_n), f"step{run.step}")
                 log(f"eval @ {run.step}: accuracy {res['accuracy']:.3f} format {res['format_rate']:.2f}")
             if run.step % cfg.checkpoint_every == 0:
                 run.save_checkpoint()
@@ -495,7 +496,7 @@ def finish(run: Run, t_total: float):
         with open(os.path.join(run.dir, "metrics.jsonl")) as f:
             tokens = sum(json.loads(line)["tokens"] for line in f)
     log(f"final evaluation on {cfg.eval_n or len(run.test_set)} test problems ...")
-    res = run.evaluate(gsm8k.subset(run.test_set, cfg.eval_n, cfg.seed), "final")
+    res = run.evaluate(gsm8k.subset(run.test_set, cfg.eval_n), "final")
     active = [m.r for m in lora.lora_modules(run.model).values()]  # final ranks (they move when dynamic)
     results = {"strategy": cfg.strategy if not cfg.rank_pattern else f"pattern:{os.path.basename(cfg.rank_pattern)}",
                "algo": cfg.algo, "seed": cfg.seed, "rank_min": min(active, default=0),

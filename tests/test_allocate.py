@@ -95,3 +95,10 @@ def test_cli_writes_json(tmp_path, capsys):
     assert "total 627" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="run a uniform arm first"):
         A.main(["--strategy", "proportional", "--profile", str(tmp_path / "nothing")])
+
+
+def test_reduced_budget_is_rounded_not_truncated():
+    """70% of 768 (24 layers x 32) is 537.6: the reduced budget is 538; truncation would give 537."""
+    shares = np.linspace(2.0, 5.0, 24)
+    assert sum(A.allocate("reduced", 24, 768, shares)) == 538
+    assert sum(A.allocate("reduced", 28, 896, shares[:4].tolist() * 7)) == 627  # 627.2: rounds down

@@ -62,6 +62,9 @@ FORMAT_CASES = [
     ("<answer>\n4\n</answer>", 0.0, 0.5),
     ("<reasoning>\n<answer>\n4\n</answer>\n</reasoning>\n<answer>\n4\n</answer>", 0.0, 0.5),  # nested
     ("<reasoning>\nx\n</reasoning>\n<answer>\n4", 0.0, 0.75),  # unclosed
+    ("</answer>4<answer></reasoning>x<reasoning>", 0.0, 0.25),  # all four once, in reverse order
+    ("<answer>\n4\n</answer>\n<reasoning>\nx\n</reasoning>", 0.0, 0.5),  # two in-order pairs, swapped
+    ("<reasoning>\nx\n<answer>\n</reasoning>\n4\n</answer>", 0.0, 0.75),  # one tag out of place
     ("", 0.0, 0.0),
 ]
 
@@ -77,6 +80,7 @@ CORRECT_CASES = [
     ("0.5", Fraction(1, 2), 1), ("The answer is 18 dollars.", 18, 1), ("\n$1,250\n", 1250, 1), ("18", 17, 0),
     ("3 + 15 = 18", 18, 0), ("18dollars", 18, 0), ("1,00", 100, 0), ("eighteen", 18, 0), ("", 18, 0),
     ("18.5", 18, 0), ("1e3", 1000, 0), ("1/0", 1, 0), ("9" * 100, 1, 0), ("--3", -3, 0), ("5-3", 2, 0), ("(-3)", -3, 1),
+    ("\u22123", -3, 1), ("\u22123", 3, 0), ("\uff0d3", -3, 1), ("\u2212$1,250", -1250, 1),  # Unicode minus signs
 ]
 
 

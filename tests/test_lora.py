@@ -105,8 +105,25 @@ def test_exported_keys_select_exactly_under_peft_regex_rule():
     ranks = L.apply_lora(m, r=32, rank_pattern=pattern)
     cfg = L.peft_config(m)
     paths = list(ranks)
+    from peft.utils.other import get_pattern_key  # PEFT's own matcher, not a copy of it
     for p in paths:  # PEFT's rule on our exported keys gives back exactly our rank
-        assert L._peft_lookup(cfg["rank_pattern"], p, cfg["r"]) == ranks[p]
+        key = get_pattern_key(cfg["rank_pattern"].keys(), p)
+        assert cfg["rank_pattern"].get(key, cfg["r"]) == ranks[p]
+        assert L._peft_lookup(cfg["rank_pattern"], p, cfg["r"]) == ranks[p]  # our loader's copy agrees
+
+
+def test_init_is_peft_s_B_zero_A_kaiming_so_the_model_starts_unchanged(tmp_path):
+    _, ours = tiny_pair(tmp_path)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = ours(ids)
+    L.apply_lora(ours, r=4, rank_pattern=RANKS)
+    for mod in L.lora_modules(ours).values():
+        assert torch.equal(mod.lora_B.weight, torch.zeros_like(mod.lora_B.weight))
+        bound = 1 / mod.base_layer.in_features ** 0.5  # kaiming_uniform(a=√5) = U(-1/√in, 1/√in)
+        assert 0 < mod.lora_A.weight.abs().max() <= bound and mod.lora_A.weight.abs().max() > 0.8 * bound
+    with torch.no_grad():
+        assert torch.equal(ours(ids), before)
 
 
 def test_study_trap_wildcard_means_what_it_says():

@@ -1,5 +1,7 @@
 """report.py: the paired statistics against known values."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -26,3 +28,30 @@ def test_paired_bootstrap_brackets_the_difference():
     assert lo < d < hi and lo > 0
     lo, hi = R.paired_bootstrap(a, a)
     assert lo == hi == 0.0
+
+
+def write_eval(folder, correct: dict):
+    folder.mkdir()
+    with open(folder / "eval_final.jsonl", "w") as f:
+        for i, c in correct.items():
+            f.write(json.dumps({"index": i, "correct": c}) + "\n")
+    return str(folder)
+
+
+def test_compare_counts_the_discordant_problems(tmp_path):
+    """50 problems both solve, 30 neither, 12 only A, 3 only B: McNemar looks at 12 vs 3 alone,
+    p = 2·(C(15,0)+C(15,1)+C(15,2)+C(15,3))/2^15 = 0.03515625."""
+    kinds = [(1, 1)] * 50 + [(0, 0)] * 30 + [(1, 0)] * 12 + [(0, 1)] * 3
+    a = write_eval(tmp_path / "a", {i: bool(x) for i, (x, _) in enumerate(kinds)})
+    b = write_eval(tmp_path / "b", {i: bool(y) for i, (_, y) in enumerate(kinds)})
+    r = R.compare(a, b)
+    assert (r["n"], r["only_a"], r["only_b"]) == (95, 12, 3)
+    assert r["mcnemar_p"] == pytest.approx(1152 / 32768, rel=1e-12)
+    assert r["diff"] == pytest.approx(9 / 95)
+
+
+def test_compare_refuses_runs_evaluated_on_different_problems(tmp_path):
+    a = write_eval(tmp_path / "a", {i: True for i in range(10)})
+    b = write_eval(tmp_path / "b", {i: True for i in range(5, 15)})
+    with pytest.raises(SystemExit, match="different problems .10 and 10 problems, 5 shared"):
+        R.compare(a, b)
