@@ -352,15 +352,20 @@ class Run:
         state = {"step": self.step, "lora": {k: v for k, v in self.model.state_dict().items() if "lora_" in k},
                  "active": {p: (m.r, m.scale) for p, m in lora.lora_modules(self.model).items()},
                  "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}}
+                 "rng": rng_state(self.device)}
         tmp = os.path.join(self.dir, "checkpoint.pt.tmp")
         torch.save(state, tmp)
         os.replace(tmp, os.path.join(self.dir, "checkpoint.pt"))
         self.profiler.save(self.dir)
 
     def load_checkpoint(self):
-        state = torch.load(os.path.join(self.dir, "checkpoint.pt"), map_location=self.device, weights_only=False)
+        path = os.path.join(self.dir, "checkpoint.pt")
+        try:  # data only: a checkpoint someone sent cannot run code here
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:  # a pickled object, a truncated or garbage file
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SystemExit(f"error: {path}: not a checkpoint this program can load ({reason}); "
+                             f"checkpoints are read as tensors and plain values only")
         for p, m in lora.lora_modules(self.model).items():  # dynamic runs: the ranks in force then
             m.r, m.scale = state["active"][p]
         self.profiler.refresh()
@@ -369,12 +374,7 @@ class Run:
             raise SystemExit(f"error: checkpoint does not fit the model: {missing.unexpected_keys[:3]}")
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"].cpu())
-        if rng["cuda"] is not None:
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        set_rng_state(state["rng"])
         self.step = state["step"]
         self.profiler.load(self.dir)
         self.profiler.truncate(self.step)  # steps after the checkpoint are recomputed
@@ -396,6 +396,26 @@ class Run:
         if parallel.is_main():
             atomic_json(os.path.join(self.dir, f"eval_{name}.json"), res)
         return res
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every RNG's state as tensors and plain values, so a checkpoint loads with weights_only=True."""
+    np_state = np.random.get_state(legacy=False)  # {'bit_generator', 'state': {'key', 'pos'}, 'has_gauss', 'gauss'}
+    np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
+    version, internal, gauss = random.getstate()
+    return {"python": [version, list(internal), gauss], "numpy": np_state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+
+
+def set_rng_state(rng: dict):
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = dict(rng["numpy"], state=dict(rng["numpy"]["state"]))
+    np_state["state"]["key"] = np_state["state"]["key"].cpu().numpy().astype(np.uint32)
+    np.random.set_state(np_state)
+    torch.set_rng_state(rng["torch"].cpu())
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
 
 def truncate_jsonl(path: str, n: int):

@@ -67,10 +67,12 @@ def test_table_matches_results(study):
     assert "max/min" in out and any(line.split()[:3] == ["proportional", "grpo", "fixed"] for line in out.splitlines())
 
 
-@pytest.mark.parametrize("strategy", ["uniform", "dynamic"])
+@pytest.mark.parametrize("strategy", ["uniform", "dynamic", "uniform-dropout"])
 def test_resume_equals_uninterrupted(tmp_path, strategy):
+    """Dropout draws from torch's global RNG after the resume point, so its variant fails unless the
+    checkpoint restores that RNG's state."""
     common = ["--preset", "tiny", "--steps", "8", "--checkpoint-every", "2", "--eval-every", "0",
-              "--strategy", strategy]
+              "--strategy", strategy.split("-")[0], *(["--dropout", "0.1"] if "dropout" in strategy else [])]
     run([*common, "--out", "runs/whole"], tmp_path)
     run([*common, "--out", "runs/parts", "--stop-after", "3"], tmp_path)
     assert len(open(tmp_path / "runs/parts/metrics.jsonl").readlines()) == 3
@@ -222,3 +224,30 @@ def test_compiled_decoding_trains_identically(tmp_path):
     ea = [json.loads(line)["completion"] for line in open(tmp_path / "runs/eager/eval_final.jsonl")]
     eb = [json.loads(line)["completion"] for line in open(tmp_path / "runs/compiled/eval_final.jsonl")]
     assert ea == eb
+
+
+def test_a_checkpoint_is_data_not_code(tmp_path):
+    """A checkpoint.pt carrying a pickled object (here one that would create a file when unpickled) is
+    refused with one line, and its code never runs; so is a truncated file."""
+    run(["--preset", "tiny", "--steps", "4", "--stop-after", "2", "--checkpoint-every", "2", "--out", "runs/r"],
+        tmp_path)
+    ckpt = tmp_path / "runs/r/checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)  # what train.py writes loads as data
+    marker = tmp_path / "PWNED"
+    state["payload"] = Payload(str(marker))
+    torch.save(state, ckpt)
+    p = run(["--resume", "runs/r"], tmp_path, ok=False)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and err[-1].startswith("error:") and "checkpoint.pt: not a checkpoint" in err[-1], p.stderr
+    assert not marker.exists()
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated
+    p = run(["--resume", "runs/r"], tmp_path, ok=False)
+    assert p.returncode != 0 and "not a checkpoint this program can load" in p.stderr.strip().splitlines()[-1]
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
