@@ -16,7 +16,7 @@ What it implements, in the order of the paper's objective:
      min(π_old / π_sampler, `is_cap`) of the token (TRL's and verl's correction for vLLM rollouts):
      the sampler runs merged LoRA in the model's dtype, the learner unmerged fp32 adapters, and in bf16
      the merge's rounding makes the two policies differ; `logp_mismatch_mean`/`_max` log the gap
-     |log π_old - log π_sampler| every step (~1e-7 in fp32). The loss is aggregated by `loss_type`:
+     |log π_old - log π_sampler| every step (~1e-6 in fp32). The loss is aggregated by `loss_type`:
        grpo     mean over each completion's tokens, then over completions (the paper's 1/|o_i|)
        dapo     mean over all tokens of the batch (DAPO, arXiv 2503.14476): long answers are not
                 down-weighted per token
