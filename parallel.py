@@ -125,5 +125,14 @@ def barrier():
         dist.barrier()
 
 
+def close():
+    """Leave the process group: every rank waits for the others, then gloo's threads are stopped. A process
+    that exits with the group still open can abort in its C++ teardown ('terminate called without an
+    active exception') after all its work is done."""
+    if active():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -3,7 +3,7 @@
     python train.py --strategy uniform                    # the study's uniform arm (r=32 everywhere)
     python train.py --strategy proportional               # ranks from the latest uniform run's profile
     python train.py --strategy reduced | random | base
-    python train.py --preset tiny --strategy uniform      # offline, CPU, about a minute
+    python train.py --preset tiny --strategy uniform      # offline, CPU, seconds
     python train.py --resume runs/uniform-20261129-120000
     python train.py --config runs/uniform-20261129-120000/config.json --out runs/again   # the same run again
     python train.py --strategy dynamic                    # ranks moved during training (dynamic.py)
@@ -120,6 +120,9 @@ class TrainConfig:
     checkpoint_every: int = opt(50, "steps between checkpoints")
     stop_after: int | None = opt(None, "stop (with a checkpoint) after this many steps of this invocation")
     device: str | None = opt(None, "cuda | cpu (default: cuda when present)")
+    threads: int | None = opt(None, "CPU threads (default: 1 for --preset tiny, whose small operations only lose "
+                                    "time to more threads on a busy machine; otherwise OMP_NUM_THREADS when set, "
+                                    "else PyTorch's default)")
 
 
 PRESETS = {
@@ -186,6 +189,22 @@ def check(cfg: TrainConfig):
         raise SystemExit(f"error: --temperature {cfg.temperature}: GRPO samples, so it must be > 0")
     if cfg.is_cap < 0:
         raise SystemExit(f"error: --is-cap {cfg.is_cap}: must be >= 0 (0 turns the correction off)")
+
+
+def set_threads(cfg: TrainConfig) -> str:
+    """Fix the CPU thread count (saved in the config, since it sets the float summation order) and say why."""
+    if cfg.threads is not None:
+        why = "--threads"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        cfg.threads, why = torch.get_num_threads(), "OMP_NUM_THREADS"
+    elif cfg.preset == "tiny":  # a tiny model's operations take microseconds: threads only add waiting
+        cfg.threads, why = 1, "tiny preset"
+    else:
+        cfg.threads, why = torch.get_num_threads(), "PyTorch's default"
+    if cfg.threads < 1:
+        raise SystemExit(f"error: --threads {cfg.threads}: must be >= 1")
+    torch.set_num_threads(cfg.threads)
+    return f"{cfg.threads} CPU thread{'s' if cfg.threads > 1 else ''} ({why})"
 
 
 def log(msg: str):
@@ -535,6 +554,7 @@ def finish(run: Run, t_total: float):
 
 def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None):
     """One run from its config: set up (or resume), train, evaluate."""
+    threads = set_threads(cfg)
     parallel.init(cfg.device)  # under torchrun: join the group before anyone writes
     if not resume:
         if os.path.isfile(os.path.join(run_dir, "config.json")):
@@ -551,7 +571,8 @@ def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None
                     {**dataclasses.asdict(cfg), "torch": torch.__version__, "device": str(run.device)})
         atomic_json(os.path.join(run_dir, "ranks.json"), {"ranks": run.ranks, **run.rank_info})
     log(f"run {run_dir}: {cfg.algo}, strategy {cfg.strategy}, seed {cfg.seed}, {run.model.config.num_hidden_layers} "
-        f"layers, {lora.count_lora_params(run.model)['total'] if run.ranks else 0:,} LoRA parameters, {run.device}")
+        f"layers, {lora.count_lora_params(run.model)['total'] if run.ranks else 0:,} LoRA parameters, {run.device}, "
+        f"{threads}")
     if run.ranks:
         if resume and os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
             run.load_checkpoint()
@@ -584,4 +605,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        parallel.close()

@@ -49,6 +49,7 @@ def test_every_strategy_produces_a_complete_run_folder(study):
         layer_ranks = load(d / "ranks.json")["layer_ranks"]
         assert sum(layer_ranks) == (round(0.7 * 32) if s == "reduced" else 32)
     assert load(study / "runs/proportional/ranks.json")["profile"] == "runs/uniform"  # found by itself
+    assert load(study / "runs/uniform/config.json")["threads"] == 1  # the tiny preset's default, saved
     base = load(study / "runs/base/results.json")
     assert base["lora_params"] == 0 and not (study / "runs/base/adapter").exists()
 
@@ -101,6 +102,7 @@ def test_clear_errors(tmp_path):
         (["--preset", "tiny", "--algo", "ppo"], "--algo 'ppo' unknown"),
         (["--preset", "tiny", "--compile", "yes"], "--compile 'yes' unknown; allowed: auto, on, off"),
         (["--preset", "tiny", "--seeds", "0,x"], "expected comma-separated integers"),
+        (["--preset", "tiny", "--threads", "0"], "--threads 0: must be >= 1"),
         (["--preset", "tiny", "--strategy", "proportional"], "Run `python train.py --preset tiny --strategy uniform`"),
         (["--preset", "tiny", "--rank-pattern", "missing.json"], "missing.json"),
         (["--preset", "tiny", "--rank-pattern", "bad.json"], "bad.json:2: not valid JSON"),
