@@ -137,8 +137,14 @@ def read_shares(run_dir: str, normalised: bool = False) -> list[float]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no gradient profile summary (run a uniform arm first: "
                                 f"python train.py --strategy uniform)")
-    with open(path) as f:
-        return json.load(f)["normalised" if normalised else "raw"]["shares"]
+    try:
+        with open(path) as f:
+            shares = json.load(f)["normalised" if normalised else "raw"]["shares"]
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not a profile summary ({type(e).__name__}: {e})") from None
+    if not (isinstance(shares, list) and shares and all(isinstance(x, (int, float)) for x in shares)):
+        raise ValueError(f"{path}: its shares are not a list of numbers")
+    return shares
 
 
 def table(ranks: list[int]) -> str:

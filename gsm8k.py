@@ -85,7 +85,11 @@ def download(split: str) -> str:
         return path
     os.makedirs(cache_dir(), exist_ok=True)
     tmp = path + ".part"
-    urllib.request.urlretrieve(URL.format(split=split), tmp)
+    try:
+        urllib.request.urlretrieve(URL.format(split=split), tmp)
+    except OSError as e:  # URLError: no network, no such host
+        raise OSError(f"cannot download GSM8K {split} from {URL.format(split=split)}: "
+                      f"{getattr(e, 'reason', None) or e}") from None
     if sha256_of(tmp) != SHA256[split]:
         os.remove(tmp)
         raise ValueError(f"downloaded GSM8K {split} has the wrong sha256 (expected {SHA256[split]})")
@@ -104,14 +108,28 @@ def parse_gold(solution: str) -> Fraction:
     return value
 
 
-def load_gsm8k(split: str, path: str | None = None) -> list[Example]:
-    """Train or test problems from a file, a folder holding {split}.jsonl, or the original release."""
+class ChecksumError(ValueError):
+    """A data file that is not the GSM8K release it claims to be."""
+
+
+def load_gsm8k(split: str, path: str | None = None, verify: bool = True) -> list[Example]:
+    """Train or test problems from a file, a folder holding {split}.jsonl, or the original release.
+
+    A given file is checked against the release's sha256 unless verify=False (a user's own data), so a
+    changed gold answer cannot slip into a run that says it is GSM8K.
+    """
     if split not in SHA256:
         raise ValueError(f"split {split!r} unknown; allowed: {sorted(SHA256)}")
     if path is None:
         path = download(split)
-    elif os.path.isdir(path):
-        path = os.path.join(path, f"{split}.jsonl")
+    else:
+        if os.path.isdir(path):
+            path = os.path.join(path, f"{split}.jsonl")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file (a GSM8K folder holds train.jsonl and test.jsonl)")
+        if verify and (digest := sha256_of(path)) != SHA256[split]:
+            raise ChecksumError(f"{path}: sha256 {digest[:12]}... is not the GSM8K {split} release's "
+                                f"({SHA256[split][:12]}...): a changed or different file")
     examples = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -122,6 +140,8 @@ def load_gsm8k(split: str, path: str | None = None) -> list[Example]:
                 examples.append(Example(len(examples), rec["question"], rec["answer"], parse_gold(rec["answer"])))
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{lineno}: malformed GSM8K record: {e}") from None
+    if not examples:
+        raise ValueError(f"{path}: no problems in it")
     return examples
 
 

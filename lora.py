@@ -161,14 +161,27 @@ def _specificity(key: str) -> int:
     return len(re.sub(r"\[[^\]]*\]|[*?]", "", key))
 
 
+def nearest_paths(key: str, paths: list[str], n: int = 3) -> list[str]:
+    """Real paths nearest to a key by structure: the same module name first, then the nearest layer
+    number, then the most similar text (`model.layers.9.*.q_proj` on a 4-layer model -> layer 3's q_proj)."""
+    name, layer = key.rsplit(".", 1)[-1], re.match(r"model\.layers\.(\d+)\.", key)
+
+    def distance(p):
+        same_name = p.rsplit(".", 1)[-1] == name or fnmatch.fnmatchcase(p.rsplit(".", 1)[-1], name)
+        gap = abs(layer_of(p) - int(layer.group(1))) if layer and layer_of(p) >= 0 else 0
+        return (not same_name, gap, -difflib.SequenceMatcher(None, key, p).ratio())
+
+    return sorted(paths, key=distance)[:n]
+
+
 def resolve_pattern(pattern: dict | None, paths: list[str], what: str = "rank_pattern") -> dict:
     """{path: value} for the paths that some key matches (most specific key wins); validates every key."""
     if not pattern:
         return {}
     for key in pattern:
         if not any(fnmatch.fnmatchcase(p, key) for p in paths):
-            near = difflib.get_close_matches(key, paths, n=3, cutoff=0.0)
-            raise ValueError(f"{what} key {key!r} matches no targeted module; nearest real paths: {near}")
+            raise ValueError(f"{what} key {key!r} matches no targeted module; nearest real paths: "
+                             f"{nearest_paths(key, paths)}")
     out = {}
     for p in paths:
         hits = [k for k in pattern if fnmatch.fnmatchcase(p, k)]

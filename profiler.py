@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -158,10 +159,13 @@ def load_profile(run_dir: str) -> Profile:
     path = os.path.join(run_dir, PROFILE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no gradient profile in this run folder")
-    with safe_open(path, framework="np") as f:
-        kinds = json.loads(f.metadata()["modules"])
-    a = load_file(path)
-    return Profile(a["grad_norms"], a["ranks"], a["scales"], kinds)
+    try:
+        with safe_open(path, framework="np") as f:
+            kinds = json.loads(f.metadata()["modules"])
+        a = load_file(path)
+        return Profile(a["grad_norms"], a["ranks"], a["scales"], kinds)
+    except Exception as e:  # safetensors' own errors, a missing key or metadata entry
+        raise ValueError(f"{path}: not a gradient profile ({' '.join(str(e).split()) or type(e).__name__})") from None
 
 
 def layer_norms(p: Profile, normalised: bool = False) -> np.ndarray:
@@ -243,8 +247,9 @@ def run_config(run_dir: str) -> dict:
 
 
 def run_label(run_dir: str) -> str:
-    """The run folder's name: three uniform runs must be told apart."""
-    return os.path.basename(os.path.normpath(run_dir))
+    """The run folder's name (with its parent's for a --seeds run, seed<N>): three uniform runs must be told apart."""
+    parts = os.path.normpath(run_dir).split(os.sep)
+    return "/".join(parts[-2:]) if re.fullmatch(r"seed\d+", parts[-1]) and len(parts) > 1 else parts[-1]
 
 
 def fmt_amp(x: float) -> str:
@@ -267,7 +272,7 @@ def report(run_dirs: list[str]) -> str:
         policy = c.get("scale_policy", "?")
         for view, norm in (("raw", False), ("norm", True)):
             f = flatness(p, norm)
-            amp = "" if base is None or p is base else fmt_amp(amplification(base, p, norm))
+            amp = "" if base is None or np.ptp(p.layer_ranks) == 0 else fmt_amp(amplification(base, p, norm))
             lines.append(f"{label:<{w}} {c.get('algo', '?'):<4} {policy:<8} {view:<4} {f['steps']:>5} "
                          f"{f['hottest_share']:>5.2f}({f['hottest_layer']:>2}) {f['coldest_share']:>5.2f}"
                          f"({f['coldest_layer']:>2}) {f['max_min_ratio']:>7.2f} {f['top30_share']:>6.1f} "
@@ -285,35 +290,54 @@ def report(run_dirs: list[str]) -> str:
 
 
 def plot(run_dirs: list[str], path: str) -> bool:
-    """Per-layer gradient share of each run (raw and normalised) with its ranks; False without matplotlib."""
+    """Per-layer gradient share of each run (raw and normalised) with its ranks; False without matplotlib.
+
+    Layers are categories, not a continuum: markers, no lines between layers, integer ticks. Runs are
+    offset sideways a little so that equal values stay visible; the rank history's x axis is the step
+    number the log prints (step 1 is the first optimiser step).
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     profiles = [(load_profile(d), run_label(d)) for d in run_dirs]
     moving = [(p, label) for p, label in profiles if (p.ranks != p.ranks[:1]).any()]  # dynamic runs
     fig, axes = plt.subplots(3 + len(moving), 1, figsize=(10, 9 + 3 * len(moving)))
-    for p, label in profiles:
-        x = np.arange(p.grad_norms.shape[1])
-        axes[0].plot(x, layer_shares(p), marker="o", label=label)
-        axes[1].plot(x, layer_shares(p, True), marker="o", label=label)
-        axes[2].step(x, p.layer_ranks, where="mid", label=label)
-    for ax, title in zip(axes, ["gradient share % (raw)", "gradient share % (÷ s·√r)", "final rank"]):
-        ax.set_ylabel(title)
+    width = 0.6 / max(1, len(profiles))
+    for i, (p, label) in enumerate(profiles):
+        x = np.arange(p.grad_norms.shape[1]) + (i - (len(profiles) - 1) / 2) * width
+        axes[0].plot(x, layer_shares(p), "o", label=label)
+        axes[1].plot(x, layer_shares(p, True), "o", label=label)
+        axes[2].bar(x, p.layer_ranks, width=width, label=label)
+    titles = ["gradient share per layer, raw (%)", "gradient share per layer, rank-normalised: each norm ÷ s·√r (%)",
+              "rank per layer at the last step"]
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].set_ylabel("%")
+    axes[1].set_ylabel("%")
+    axes[2].set_ylabel("rank")
+    for ax in axes[:3]:
+        ax.legend(fontsize=8)
     for ax, (p, label) in zip(axes[3:], moving):  # rank history: layers x steps
         layer_rank = np.where(p.ranks > 0, p.ranks, np.nan).astype(float)
-        im = ax.imshow(np.nanmean(layer_rank, axis=2).T, aspect="auto", origin="lower", interpolation="nearest")
-        ax.set_title(f"{label}: rank of each layer over training")
+        steps, layers = layer_rank.shape[:2]
+        im = ax.imshow(np.nanmean(layer_rank, axis=2).T, aspect="auto", origin="lower", interpolation="nearest",
+                       extent=(0.5, steps + 0.5, -0.5, layers - 0.5))  # column j is step j + 1, as logged
+        ax.set_title(f"{label}: rank of each layer during each step (a move logged at step s applies from s + 1)")
         ax.set_xlabel("step")
         ax.set_ylabel("layer")
-        fig.colorbar(im, ax=ax)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.colorbar(im, ax=ax, label="rank")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return True
 
 
@@ -322,9 +346,11 @@ def main(argv=None):
     ap.add_argument("runs", nargs="+", help="run folders holding profile.safetensors")
     ap.add_argument("--plot", help="write the per-layer share figure to this PNG (needs matplotlib)")
     args = ap.parse_args(argv)
+    if args.plot and not os.path.isdir(folder := os.path.dirname(os.path.abspath(args.plot))):
+        sys.exit(f"error: --plot {args.plot}: folder {folder} does not exist")
     try:
         print(report(args.runs))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if args.plot:
         print(f"figure: {args.plot}" if plot(args.runs, args.plot) else "matplotlib not installed: no figure")

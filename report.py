@@ -4,8 +4,10 @@
     python report.py --compare RUN_A RUN_B              # is A's accuracy distinguishable from B's?
 
 The table has the study's columns (strategy, rank range, LoRA parameters, GSM8K accuracy with its
-95% Wilson interval, format rate) plus the number of test problems. Runs of one strategy under
-several seeds get a summary line: mean and standard deviation of accuracy across seeds.
+95% Wilson interval, format rate) plus the run folder and the number of test problems, one row per run
+in the order given. A `--seeds` parent folder stands for its seed<N> runs; a folder that holds no
+finished run is skipped with a note. Runs of one strategy under several seeds get a summary line:
+mean and standard deviation of accuracy across seeds, each run counted once.
 
 `--compare` pairs two runs problem by problem (their eval_final.jsonl; both must have been evaluated on
 the same problems, or it refuses) and gives McNemar's exact test
@@ -17,15 +19,17 @@ problems, and is only significant when the two runs disagree on few problems.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
+import re
 import statistics
 import sys
 
 import numpy as np
 
-from profiler import report as profile_report
+from profiler import report as profile_report, run_label
 
 
 def load_results(run_dir: str) -> dict:
@@ -40,18 +44,45 @@ def fmt_params(p: int) -> str:
     return f"{p / 1e6:.1f}M" if p >= 1e6 else f"{p / 1e3:.1f}K" if p else "0"
 
 
+def finished_runs(paths: list[str]) -> tuple[list[str], list[str]]:
+    """(run folders to report, notes on what was skipped): a `--seeds` parent expands into its seed<N>
+    folders, a folder without results.json is skipped with a note, a folder named twice counts once;
+    the order is the order given."""
+    runs, notes, seen = [], [], set()
+    for path in paths:
+        seeds = sorted(glob.glob(os.path.join(path, "seed*", "results.json")),
+                       key=lambda p: int(re.sub(r"\D", "", os.path.basename(os.path.dirname(p))) or 0))
+        if not os.path.isfile(os.path.join(path, "results.json")) and seeds:
+            candidates = [os.path.dirname(p) for p in seeds]
+        else:
+            candidates = [path]
+        for d in candidates:
+            key = os.path.realpath(d)
+            if key in seen:
+                continue
+            seen.add(key)
+            if os.path.isfile(os.path.join(d, "results.json")):
+                runs.append(d)
+            else:
+                notes.append(f"skipped {d}: no results.json (not a finished run)")
+    return runs, notes
+
+
 def results_table(run_dirs: list[str]) -> str:
-    """The study's table, one row per run, a mean ± std row per strategy run under several seeds."""
+    """The study's table, one row per run in the order given, and a mean ± std row per strategy run
+    under several seeds (each run counted once)."""
     rows = [load_results(d) for d in run_dirs]
-    lines = [f"{'Strategy':<18} {'Seed':>4} {'Range':<9} {'Params':>8} {'GSM8K Acc (95% CI)':>24} {'Format':>7} {'n':>5}"]
+    w = max([18, *(len(run_label(d)) for d in run_dirs)])
+    lines = [f"{'Run':<{w}} {'Strategy':<18} {'Seed':>4} {'Range':<9} {'Params':>8} {'GSM8K Acc (95% CI)':>24} "
+             f"{'Format':>7} {'n':>5}"]
     groups = {}
-    for r in sorted(rows, key=lambda r: (r["accuracy"], r["seed"])):
+    for d, r in zip(run_dirs, rows):
         name = r["strategy"] if r.get("algo", "grpo") == "grpo" else f"{r['algo']}:{r['strategy']}"
         groups.setdefault(name, []).append(r)
         rng = f"r={r['rank_min']}-{r['rank_max']}" if r["lora_params"] else "-"
         ci = f"{100 * r['accuracy']:.1f}% ({100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f})"
-        lines.append(f"{name:<18} {r['seed']:>4} {rng:<9} {fmt_params(r['lora_params']):>8} {ci:>24} "
-                     f"{100 * r['format_rate']:>6.1f}% {r['n']:>5}")
+        lines.append(f"{run_label(d):<{w}} {name:<18} {r['seed']:>4} {rng:<9} "
+                     f"{fmt_params(r['lora_params']):>8} {ci:>24} {100 * r['format_rate']:>6.1f}% {r['n']:>5}")
     multi = {k: v for k, v in groups.items() if len({r["seed"] for r in v}) > 1}
     if multi:
         lines += ["", f"{'Across seeds':<18} {'runs':>4} {'mean acc':>9} {'std':>6} {'min':>6} {'max':>6}"]
@@ -62,9 +93,12 @@ def results_table(run_dirs: list[str]) -> str:
     return "\n".join(lines)
 
 
-def full_report(run_dirs: list[str]) -> str:
+def full_report(paths: list[str]) -> str:
     """The table, then profiler.py's gradient statistics of the runs that have a profile."""
-    text = results_table(run_dirs)
+    run_dirs, notes = finished_runs(paths)
+    if not run_dirs:
+        raise SystemExit("error: no finished run among " + ", ".join(paths) + (f" ({'; '.join(notes)})" if notes else ""))
+    text = results_table(run_dirs) + "".join(f"\n({note})" for note in notes)
     profiled = [d for d in run_dirs if os.path.isfile(os.path.join(d, "profile.safetensors"))]
     if profiled:
         text += "\n\nGradient statistics (shares in %, raw and rank-normalised):\n" + profile_report(profiled)

@@ -27,9 +27,9 @@ import glob
 import json
 import os
 import random
+import shutil
 import signal
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +47,9 @@ import tiny
 from profiler import GradientProfiler, atomic_json
 
 STRATEGIES = ("base", "uniform", "proportional", "random", "reduced", "dynamic")
+TINY_MODEL = "tiny"  # --preset tiny's model: built by tiny.py into the run folder
+# flags that may change when a run is resumed: how long and how it runs, never what it trains
+RESUMABLE = ("steps", "stop_after", "checkpoint_every", "threads", "eval_batch", "compile", "device")
 ALGOS = ("grpo", "sft")
 
 
@@ -60,7 +63,9 @@ class TrainConfig:
     strategy: str = opt("uniform", f"rank allocation: {'|'.join(STRATEGIES)}")
     algo: str = opt("grpo", "grpo (the study) | sft (the same LoRA on the reference solutions, for comparison)")
     model: str = opt("Qwen/Qwen2.5-1.5B-Instruct", "Hub repo id or local folder of a Qwen2 checkpoint")
-    data: str | None = opt(None, "folder with GSM8K {train,test}.jsonl (default: download the original release)")
+    data: str | None = opt(None, "folder with GSM8K {train,test}.jsonl (default: download the original release); "
+                                 "checked against the release's sha256")
+    data_unverified: bool = opt(False, "accept --data files that differ from the GSM8K release (your own data)")
     preset: str | None = opt(None, "'tiny': random tiny model, synthetic problems, a few steps, offline on a CPU")
     out: str | None = opt(None, "run folder (default runs/<strategy>-<timestamp>)")
     seed: int = opt(0, "seed of everything: data order, sampling, LoRA init, random allocation")
@@ -74,7 +79,9 @@ class TrainConfig:
     r_min: int | None = opt(None, "lower rank bound (default by strategy: 20/16/12 at r0=32)")
     r_max: int | None = opt(None, "upper rank bound (default by strategy: 40/48/32 at r0=32)")
     fraction: float = opt(0.7, "budget fraction of the reduced strategy")
-    profile: str | None = opt(None, "uniform run folder whose profile drives proportional/reduced (default: latest)")
+    profile: str | None = opt(None, "finished uniform run (same algo, model, preset) whose profile drives "
+                                    "proportional/reduced (default: the newest under runs/)")
+    any_profile: bool = opt(False, "accept a --profile run that is not a finished uniform run of this algo/model/preset")
     normalised_profile: bool = opt(False, "allocate from rank-normalised instead of raw gradient shares")
     rank_pattern: str | None = opt(None, "JSON file {module path: rank} (e.g. from allocate.py), replaces the strategy")
     # --- dynamic allocation (see dynamic.py)
@@ -126,7 +133,7 @@ class TrainConfig:
 
 
 PRESETS = {
-    "tiny": dict(steps=12, prompts_per_step=4, num_generations=4, max_new_tokens=32, rank=8, alpha=16.0, lr=2e-3,
+    "tiny": dict(model=TINY_MODEL, steps=12, prompts_per_step=4, num_generations=4, max_new_tokens=32, rank=8, alpha=16.0, lr=2e-3,
                  warmup_steps=1, eval_n=32, eval_every=6, eval_every_n=8, eval_max_new_tokens=32, eval_batch=32,
                  checkpoint_every=4, device="cpu", dynamic_every=3, dynamic_t_init=3, dynamic_t_final=9,
                  dynamic_window=3),
@@ -140,6 +147,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help strings
+        if f.default is not None and f.type != "bool":
+            text += f" [default: {f.default}]"
+        elif f.type == "bool":
+            text += f" [default: {'on' if f.default else 'off'}]"
         if f.type == "bool":
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
@@ -150,10 +161,15 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     args = ap.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name) is not None}
+    args.given = given
     base = read_config(args.config) if args.config else {}
     preset = given.get("preset", base.get("preset"))
     if preset is not None and preset not in PRESETS:
         raise SystemExit(f"error: --preset {preset!r} unknown; allowed: {sorted(PRESETS)}")
+    for name in ("model", "data"):
+        if preset == "tiny" and name in given:
+            raise SystemExit(f"error: --{name} with --preset tiny: the tiny preset builds its own model and "
+                             f"synthetic problems; drop --preset tiny to use --{name} {given[name]}")
     cfg = TrainConfig(**{**(PRESETS.get(preset) or {}), **base, **given})
     check(cfg)
     return cfg, args
@@ -163,14 +179,45 @@ def read_config(path: str) -> dict:
     """The TrainConfig fields of a saved config.json (a run's, to repeat or resume it)."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path}: no such config file")
-    with open(path) as f:
-        saved = json.load(f)
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise SystemExit(f"error: {path}: not a run's config (expected a JSON object)")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in saved.items() if k in names and k not in ("out", "stop_after")}
 
 
+def read_json(path: str):
+    """A JSON file's content, or a one-line error naming the file and the line."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path}:{e.lineno}: not valid JSON ({e.msg})")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {path}: cannot be read ({getattr(e, 'strerror', None) or e})")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def check(cfg: TrainConfig):
-    """One-line errors for settings that cannot work."""
+    """One-line errors for settings that cannot work, before anything is built or written."""
+    at_least = {"steps": 1, "prompts_per_step": 1, "micro_batch": 1, "checkpoint_every": 1, "rank": 1,
+                "max_new_tokens": 1, "eval_every": 0, "eval_every_n": 1, "eval_max_new_tokens": 1, "eval_batch": 1,
+                "warmup_steps": 0, "dynamic_every": 1, "dynamic_window": 1, "dynamic_t_init": 0,
+                "eval_n": 1, "budget": 1, "stop_after": 1, "threads": 1, "r_min": 0, "r_max": 1}
+    for name, low in at_least.items():
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise SystemExit(f"error: {flag(name)} {value}: must be >= {low}")
+    if cfg.algo == "grpo" and cfg.num_generations < 2:
+        raise SystemExit(f"error: --num-generations {cfg.num_generations}: GRPO compares completions of the same "
+                         f"prompt, so it needs at least 2 (the study: 4)")
+    if not 0 < cfg.fraction <= 1:
+        raise SystemExit(f"error: --fraction {cfg.fraction}: must be in (0, 1]")
+    if not cfg.lr > 0:
+        raise SystemExit(f"error: --lr {cfg.lr}: must be > 0")
     if cfg.algo not in ALGOS:
         raise SystemExit(f"error: --algo {cfg.algo!r} unknown; allowed: {', '.join(ALGOS)}")
     if cfg.algo == "sft" and cfg.strategy == "base":
@@ -201,8 +248,6 @@ def set_threads(cfg: TrainConfig) -> str:
         cfg.threads, why = 1, "tiny preset"
     else:
         cfg.threads, why = torch.get_num_threads(), "PyTorch's default"
-    if cfg.threads < 1:
-        raise SystemExit(f"error: --threads {cfg.threads}: must be >= 1")
     torch.set_num_threads(cfg.threads)
     return f"{cfg.threads} CPU thread{'s' if cfg.threads > 1 else ''} ({why})"
 
@@ -225,23 +270,54 @@ def seed_everything(seed: int):
 
 
 def load_data(cfg: TrainConfig):
+    """(train, test) problems; a missing, empty, malformed or altered file is a one-line error."""
     if cfg.preset == "tiny":
         return tiny.datasets()
-    return gsm8k.load_gsm8k("train", cfg.data), gsm8k.load_gsm8k("test", cfg.data)
+    try:
+        return tuple(gsm8k.load_gsm8k(split, cfg.data, verify=not cfg.data_unverified) for split in ("train", "test"))
+    except gsm8k.ChecksumError as e:
+        raise SystemExit(f"error: {e}; --data-unverified accepts your own data")
+    except (OSError, ValueError) as e:
+        hint = " (no network? --data DIR reads local GSM8K jsonl files; --preset tiny needs none)" \
+            if cfg.data is None else ""
+        raise SystemExit(f"error: {one_line(e)}{hint}")
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (library messages often span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def profile_problem(cfg: TrainConfig, run_dir: str) -> str | None:
+    """Why `run_dir` cannot provide this run's profile (None when it can): it must be a finished uniform
+    run, without a rank pattern, of the same algorithm, model and preset, with a gradient profile."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return "not a run folder (no config.json)"
+    try:
+        with open(path) as f:
+            other = json.load(f)
+        assert isinstance(other, dict)
+    except (OSError, ValueError, AssertionError):
+        return "its config.json cannot be read"
+    if other.get("strategy") != "uniform" or other.get("rank_pattern"):
+        return f"a {other.get('strategy')!r} run{' with a rank pattern' if other.get('rank_pattern') else ''}, not a uniform one"
+    for name in ("algo", "model", "preset"):
+        if other.get(name, "grpo" if name == "algo" else None) != getattr(cfg, name):
+            return f"its {name} is {other.get(name)!r}, this run's {getattr(cfg, name)!r}"
+    if not os.path.isfile(os.path.join(run_dir, "results.json")):
+        return "not finished (no results.json)"
+    if not os.path.isfile(os.path.join(run_dir, "profile_summary.json")):
+        return "no gradient profile (profile_summary.json)"
+    return None
 
 
 def latest_uniform_run(cfg: TrainConfig) -> str:
-    """The newest finished uniform run for the same model/preset under runs/."""
+    """The newest finished uniform run for the same algorithm, model and preset under runs/."""
     found = []
     for c in glob.glob(os.path.join("runs", "*", "config.json")):
-        with open(c) as f:
-            other = json.load(f)
         d = os.path.dirname(c)
-        if (other.get("strategy") == "uniform" and other.get("preset") == cfg.preset
-                and other.get("algo", "grpo") == cfg.algo
-                and other.get("model") == cfg.model
-                and os.path.isfile(os.path.join(d, "profile_summary.json"))
-                and os.path.isfile(os.path.join(d, "results.json"))):
+        if profile_problem(cfg, d) is None:
             found.append((os.path.getmtime(os.path.join(d, "results.json")), d))
     if not found:
         preset = f" --preset {cfg.preset}" if cfg.preset else ""
@@ -249,6 +325,18 @@ def latest_uniform_run(cfg: TrainConfig) -> str:
                          f"none found under runs/. Run `python train.py{preset} --strategy uniform` first, "
                          f"or pass --profile RUN_DIR")
     return max(found)[1]
+
+
+def choose_profile(cfg: TrainConfig) -> str:
+    """The profile source of proportional/reduced: --profile (checked), else the newest fitting run; said aloud."""
+    if cfg.profile is None:
+        cfg.profile = latest_uniform_run(cfg)
+        return f"profile from {cfg.profile} (the newest finished uniform {cfg.algo} run of this model and preset)"
+    problem = profile_problem(cfg, cfg.profile)
+    if problem and not cfg.any_profile:
+        raise SystemExit(f"error: --profile {cfg.profile}: {problem}; {cfg.strategy} needs the profile of a finished "
+                         f"uniform {cfg.algo} run of the same model and preset (--any-profile to use it anyway)")
+    return f"profile from {cfg.profile}" + (f" (accepted by --any-profile: {problem})" if problem else "")
 
 
 def read_rank_pattern(path: str) -> dict:
@@ -276,7 +364,7 @@ def resolve_ranks(cfg: TrainConfig, num_layers: int) -> tuple[dict | None, dict]
         src = cfg.profile
         try:
             shares = allocate.read_shares(src, cfg.normalised_profile)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: --profile: {e}")
         info["profile"] = src
     strategy = "uniform" if cfg.strategy == "dynamic" else cfg.strategy  # dynamic starts uniform
@@ -289,6 +377,18 @@ def resolve_ranks(cfg: TrainConfig, num_layers: int) -> tuple[dict | None, dict]
     return allocate.rank_pattern(ranks), info
 
 
+def check_ranks(model, ranks: dict):
+    """Refuse allocations that train nothing, or ranks beyond what a module's shape can hold."""
+    if not any(ranks.values()):
+        raise SystemExit("error: every module has rank 0: nothing to train (--strategy base evaluates the model as is)")
+    for path, m in lora.lora_modules(model).items():
+        width = min(m.base_layer.in_features, m.base_layer.out_features)
+        if m.r > width:
+            raise SystemExit(f"error: rank {m.r} for {path} exceeds its smaller dimension {width} "
+                             f"({m.base_layer.in_features} -> {m.base_layer.out_features}): B·A cannot have rank "
+                             f"above {width}")
+
+
 # --------------------------------------------------------------------------------------- the run
 
 class Run:
@@ -296,24 +396,33 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, run_dir: str):
         self.cfg, self.dir = cfg, run_dir
-        os.makedirs(run_dir, exist_ok=True)
         self.device = parallel.init(cfg.device)
         if self.device.type == "cpu" and cfg.preset is None:
-            warnings.warn("no GPU: running on the CPU. Real results need the real model on a GPU; "
-                          "try --preset tiny to watch the pipeline.")
+            log("note: no GPU, running on the CPU. Real results need the real model on a GPU; "
+                "--preset tiny runs the whole pipeline in seconds.")
         seed_everything(cfg.seed)
-        model_path = cfg.model
+        local = os.path.exists(cfg.model) or cfg.model.startswith((".", "/"))
+        if cfg.preset != "tiny" and local:  # a local folder's errors first: they cost nothing to find
+            try:
+                qwen.read_config(qwen.resolve(cfg.model))
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"error: cannot load model {cfg.model!r}: {one_line(e)}")
+        self.train_set, self.test_set = load_data(cfg)  # before a download or a model build
+        self.model_path = cfg.model
         if cfg.preset == "tiny":
-            model_path = os.path.join(run_dir, "tiny-model")
+            self.model_path = os.path.join(run_dir, "tiny-model")
             if parallel.is_main():
-                tiny.build_tiny_model(model_path)
+                os.makedirs(run_dir, exist_ok=True)
+                tiny.build_tiny_model(self.model_path)
             parallel.barrier()
         try:
-            self.model = qwen.from_pretrained(model_path, device=self.device)
-            self.tok = qwen.load_tokenizer(model_path)
+            self.model = qwen.from_pretrained(self.model_path, device=self.device)
+            self.tok = qwen.load_tokenizer(self.model_path)
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: cannot load model {model_path!r}: {e}")
-        self.train_set, self.test_set = load_data(cfg)
+            hint = "" if os.path.isdir(self.model_path) else (
+                " (no network? --model DIR loads a local Qwen2 folder and --data DIR local GSM8K files; "
+                "--preset tiny runs offline)")
+            raise SystemExit(f"error: cannot load model {self.model_path!r}: {one_line(e)}{hint}")
         self.ranks, self.rank_info, self.opt, self.sched, self.profiler = {}, {}, None, None, None
         self.step = 0
         self.gen = torch.Generator(device=self.device)  # reseeded every step (step_seed)
@@ -330,6 +439,7 @@ class Run:
                                              dropout=cfg.dropout, scale_policy=cfg.scale_policy, capacity=capacity)
             except ValueError as e:
                 raise SystemExit(f"error: {e}")
+            check_ranks(self.model, self.ranks)
             parallel.broadcast(lora.lora_parameters(self.model))  # every process starts from rank 0's adapters
             self.model.gradient_checkpointing = cfg.grad_checkpointing
             self.opt = grpo.make_optimizer(self.model, cfg.lr, cfg.weight_decay)
@@ -385,6 +495,8 @@ class Run:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SystemExit(f"error: {path}: not a checkpoint this program can load ({reason}); "
                              f"checkpoints are read as tensors and plain values only")
+        if not isinstance(state, dict) or set(state) != {"step", "lora", "active", "optimizer", "scheduler", "rng"}:
+            raise SystemExit(f"error: {path}: not a checkpoint this program wrote (unexpected contents)")
         for p, m in lora.lora_modules(self.model).items():  # dynamic runs: the ranks in force then
             m.r, m.scale = state["active"][p]
         self.profiler.refresh()
@@ -395,10 +507,23 @@ class Run:
         self.sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
-        self.profiler.load(self.dir)
+        # Every file must reach the checkpoint's step; what lies beyond it is recomputed. A file that
+        # falls short lost steps, and resuming would hide that: refuse, saying what is missing.
+        metrics = os.path.join(self.dir, "metrics.jsonl")
+        lines = count_lines(metrics)
+        try:
+            self.profiler.load(self.dir)
+        except Exception as e:
+            raise SystemExit(f"error: {self.dir}/profile.safetensors cannot be read ({one_line(e)}); the run cannot "
+                             f"be resumed: start it again with another --out")
+        for name, have in (("metrics.jsonl", lines), ("profile.safetensors", len(self.profiler))):
+            if have < self.step:
+                raise SystemExit(f"error: {self.dir}/{name} holds {have} of the checkpoint's {self.step} steps: "
+                                 f"steps were lost, so the run cannot be resumed honestly; start it again with "
+                                 f"another --out")
         self.profiler.truncate(self.step)  # steps after the checkpoint are recomputed
         if parallel.is_main():
-            truncate_jsonl(os.path.join(self.dir, "metrics.jsonl"), self.step)
+            truncate_jsonl(metrics, self.step)
 
     # -- evaluation
     def evaluate(self, examples, name: str) -> dict:
@@ -437,6 +562,13 @@ def set_rng_state(rng: dict):
         torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
 
+def count_lines(path: str) -> int:
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
 def truncate_jsonl(path: str, n: int):
     """Keep the first n lines (a resumed run rewrites what came after its checkpoint)."""
     if not os.path.isfile(path):
@@ -473,9 +605,11 @@ def train(run: Run, stop_after: int | None):
     interrupted = []
 
     def on_sigint(signum, frame):
-        if interrupted:
-            raise KeyboardInterrupt
+        if interrupted:  # SystemExit, not KeyboardInterrupt: one line, no traceback
+            raise SystemExit(f"\ninterrupted twice: stopped at once; --resume {run.dir} continues from the "
+                             f"last checkpoint")
         interrupted.append(True)
+        log("\ninterrupted: finishing this step, then writing a checkpoint (Ctrl-C again to stop at once)")
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
@@ -530,12 +664,13 @@ def finish(run: Run, t_total: float):
     cfg = run.cfg
     tokens = 0
     if run.ranks and parallel.is_main():
-        lora.save_adapter(run.model, os.path.join(run.dir, "adapter"), cfg.model)
+        lora.save_adapter(run.model, os.path.join(run.dir, "adapter"), run.model_path)
         run.profiler.save(run.dir)
         with open(os.path.join(run.dir, "metrics.jsonl")) as f:
             tokens = sum(json.loads(line)["tokens"] for line in f)
-    log(f"final evaluation on {cfg.eval_n or len(run.test_set)} test problems ...")
-    res = run.evaluate(gsm8k.subset(run.test_set, cfg.eval_n), "final")
+    problems = gsm8k.subset(run.test_set, cfg.eval_n)
+    log(f"final evaluation on {len(problems)} test problems ...")
+    res = run.evaluate(problems, "final")
     active = [m.r for m in lora.lora_modules(run.model).values()]  # final ranks (they move when dynamic)
     results = {"strategy": cfg.strategy if not cfg.rank_pattern else f"pattern:{os.path.basename(cfg.rank_pattern)}",
                "algo": cfg.algo, "seed": cfg.seed, "rank_min": min(active, default=0),
@@ -552,43 +687,107 @@ def finish(run: Run, t_total: float):
         f"format {res['format_rate']:.2f}; results in {run.dir}")
 
 
+def check_out(run_dir: str):
+    """--out must be a folder we can create, or an existing folder: not a file, nor under one."""
+    path = os.path.abspath(run_dir)
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    if path and not os.path.isdir(path):
+        raise SystemExit(f"error: --out {run_dir}: {path} is a file, not a folder")
+
+
 def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None):
-    """One run from its config: set up (or resume), train, evaluate."""
+    """One run from its config: set up (or resume), train, evaluate. A setup that fails before the run's
+    config.json is written leaves no folder behind."""
     threads = set_threads(cfg)
     parallel.init(cfg.device)  # under torchrun: join the group before anyone writes
+    notes = []
     if not resume:
+        check_out(run_dir)
         if os.path.isfile(os.path.join(run_dir, "config.json")):
             raise SystemExit(f"error: {run_dir} already holds a run; use --resume {run_dir} or another --out")
         if cfg.rank_pattern:  # cheap checks before loading a model
             read_rank_pattern(cfg.rank_pattern)
-        elif cfg.strategy in ("proportional", "reduced") and cfg.profile is None:
-            cfg.profile = latest_uniform_run(cfg)
+        elif cfg.strategy in ("proportional", "reduced"):
+            notes.append(choose_profile(cfg))
     parallel.barrier()  # every process has checked the folder before rank 0 writes into it
     t0 = time.perf_counter()
-    run = Run(cfg, run_dir)
-    if not resume and parallel.is_main():
-        atomic_json(os.path.join(run_dir, "config.json"),
-                    {**dataclasses.asdict(cfg), "torch": torch.__version__, "device": str(run.device)})
-        atomic_json(os.path.join(run_dir, "ranks.json"), {"ranks": run.ranks, **run.rank_info})
+    created = os.path.abspath(run_dir)  # the outermost folder this run will create, removed on failure
+    while not os.path.exists(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    created = None if os.path.exists(created) else created
+    try:
+        run = Run(cfg, run_dir)
+        if not resume and parallel.is_main():
+            os.makedirs(run_dir, exist_ok=True)
+            atomic_json(os.path.join(run_dir, "ranks.json"), {"ranks": run.ranks, **run.rank_info})
+            atomic_json(os.path.join(run_dir, "config.json"),  # last: its presence makes the folder a run
+                        {**dataclasses.asdict(cfg), "model_path": run.model_path, "torch": torch.__version__,
+                         "device": str(run.device)})
+    except BaseException:
+        if created and not resume and parallel.is_main():
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     log(f"run {run_dir}: {cfg.algo}, strategy {cfg.strategy}, seed {cfg.seed}, {run.model.config.num_hidden_layers} "
         f"layers, {lora.count_lora_params(run.model)['total'] if run.ranks else 0:,} LoRA parameters, {run.device}, "
         f"{threads}")
+    for note in notes:
+        log(note)
     if run.ranks:
-        if resume and os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-            run.load_checkpoint()
-            log(f"resumed at step {run.step}")
+        if resume:
+            resume_state(run)
         if not train(run, stop_after):
             return
     finish(run, time.perf_counter() - t0)
 
 
+def resume_state(run: Run):
+    """Continue from the checkpoint; without one, start again at step 0 and discard what was logged."""
+    if os.path.isfile(os.path.join(run.dir, "checkpoint.pt")):
+        run.load_checkpoint()
+        log(f"resumed at step {run.step}")
+        return
+    lines = count_lines(os.path.join(run.dir, "metrics.jsonl"))
+    if parallel.is_main():
+        truncate_jsonl(os.path.join(run.dir, "metrics.jsonl"), 0)
+        for name in ("profile.safetensors", "profile_summary.json"):
+            if os.path.isfile(os.path.join(run.dir, name)):
+                os.remove(os.path.join(run.dir, name))
+    log(f"no checkpoint in {run.dir}: starting again at step 0" +
+        (f" (the {lines} steps logged before are discarded)" if lines else ""))
+
+
+def resume_config(run_dir: str, given: dict) -> TrainConfig | None:
+    """The saved config with the flags that may change on resume applied; None when the run is finished."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --resume {run_dir}: no config.json (not a run folder)")
+    saved = TrainConfig(**read_config(path))
+    fixed = sorted(set(given) - set(RESUMABLE))
+    if fixed:
+        shown = ", ".join(f"{flag(k)} (the run has {getattr(saved, k)!r})" for k in fixed)
+        raise SystemExit(f"error: {shown} cannot change when resuming; with --resume only "
+                         f"{', '.join(flag(k) for k in RESUMABLE)} may be given")
+    cfg = dataclasses.replace(saved, **{k: v for k, v in given.items() if k != "stop_after"})
+    check(cfg)
+    results = os.path.join(run_dir, "results.json")
+    if os.path.isfile(results):
+        done = read_json(results).get("steps", cfg.steps)
+        if cfg.steps <= done:
+            print(f"{run_dir} is finished ({done} of {cfg.steps} steps; results.json): nothing to resume. "
+                  f"--steps N > {done} trains it further")
+            return None
+    if cfg != saved and parallel.is_main():  # e.g. more steps: the saved config says what the run became
+        atomic_json(path, {**read_json(path), **{k: getattr(cfg, k) for k in given if k != "stop_after"}})
+    return cfg
+
+
 def main(argv=None):
     cfg, args = parse_args(argv)
     if args.resume:
-        path = os.path.join(args.resume, "config.json")
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: --resume {args.resume}: no config.json (not a run folder)")
-        run_one(TrainConfig(**read_config(path)), args.resume, True, args.stop_after)
+        resumed = resume_config(args.resume, args.given)
+        if resumed is not None:
+            run_one(resumed, args.resume, True, args.given.get("stop_after"))
         return
     out = cfg.out or os.path.join("runs", f"{cfg.algo + '-' if cfg.algo != 'grpo' else ''}{cfg.strategy}-"
                                           f"{time.strftime('%Y%m%d-%H%M%S')}")
@@ -604,8 +803,15 @@ def main(argv=None):
                 cfg.stop_after)
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command line: main, with Ctrl-C outside the step loop (set-up, final evaluation) as one line."""
     try:
-        main()
+        main(argv)
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted: nothing after the last checkpoint was saved; --resume RUN_DIR continues")
     finally:
         parallel.close()
+
+
+if __name__ == "__main__":
+    cli()

@@ -35,14 +35,34 @@ def test_malformed_lines_name_file_and_line(tmp_path):
     p = tmp_path / "train.jsonl"
     p.write_text(good + "\n" + "{not json\n")
     with pytest.raises(ValueError, match=r"train\.jsonl:2: malformed"):
-        G.load_gsm8k("train", str(p))
+        G.load_gsm8k("train", str(p), verify=False)
     p.write_text(good + "\n" + good + "\n" + json.dumps({"question": "q", "answer": "no marker"}) + "\n")
     with pytest.raises(ValueError, match=r"train\.jsonl:3: .*####"):
-        G.load_gsm8k("train", str(tmp_path))
+        G.load_gsm8k("train", str(tmp_path), verify=False)
     p.write_text(good + "\n")
-    assert G.load_gsm8k("train", str(p))[0].gold == 1234
+    assert G.load_gsm8k("train", str(p), verify=False)[0].gold == 1234
     with pytest.raises(ValueError, match="allowed"):
         G.load_gsm8k("dev", str(p))
+    p.write_text("\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl: no problems"):
+        G.load_gsm8k("train", str(p), verify=False)
+    with pytest.raises(FileNotFoundError, match=r"test\.jsonl: no such file"):
+        G.load_gsm8k("test", str(tmp_path))
+
+
+def test_a_changed_gold_answer_is_refused_naming_the_file(tmp_path):
+    """--data files are checked against the release's sha256: one changed gold answer is refused."""
+    src = os.path.join(GSM8K_DIR, "test.jsonl")
+    if not os.path.isfile(src):
+        pytest.skip("../shared/data/gsm8k not present")
+    lines = open(src).read().splitlines(keepends=True)
+    rec = json.loads(lines[5])
+    rec["answer"] = rec["answer"].rsplit("####", 1)[0] + "#### 999999"
+    lines[5] = json.dumps(rec) + "\n"
+    (tmp_path / "test.jsonl").write_text("".join(lines))
+    with pytest.raises(G.ChecksumError, match=r"test\.jsonl: sha256 .* is not the GSM8K test release's"):
+        G.load_gsm8k("test", str(tmp_path))
+    assert G.load_gsm8k("test", str(tmp_path), verify=False)[5].gold == 999999  # the opt-out reads it
 
 
 def test_subset_is_seeded_and_ordered():

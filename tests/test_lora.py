@@ -143,6 +143,21 @@ def test_study_trap_wildcard_means_what_it_says():
         L.resolve_pattern({"model.layer.15.self_attn.q_proj": 40}, paths)
 
 
+def test_did_you_mean_suggests_paths_by_structure():
+    """A key for a layer the model lacks suggests the same projection in the nearest layers, not text
+    look-alikes such as up_proj paths."""
+    with torch.device("meta"):
+        m = M.Qwen2(M.ModelConfig(num_hidden_layers=4))
+    paths = L.target_paths(m)
+    with pytest.raises(ValueError) as e:
+        L.resolve_pattern({"model.layers.9.*.q_proj": 8}, paths)
+    assert str(e.value).endswith("['model.layers.3.self_attn.q_proj', 'model.layers.2.self_attn.q_proj', "
+                                 "'model.layers.1.self_attn.q_proj']")
+    with pytest.raises(ValueError) as e:
+        L.resolve_pattern({"model.layers.2.self_attn.qproj": 8}, paths)  # a typo: the layer's own paths first
+    assert "['model.layers.2.self_attn.q_proj'" in str(e.value)
+
+
 def test_most_specific_key_wins_and_ties_are_errors():
     paths = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
     got = L.resolve_pattern({"*": 1, "model.layers.0.*": 2, "model.layers.0.mlp.up_proj": 3}, paths)

@@ -184,6 +184,12 @@ def test_report_cli(tmp_path, capsys):
     assert "other definitions" in out and "top 2" in out and "top 3" in out  # 0.3 x 8 layers = 2.4
     with pytest.raises(SystemExit, match="no gradient profile"):
         P.main([str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match=r"--plot .*f\.png: folder .*nowhere does not exist"):
+        P.main([str(tmp_path / "u"), "--plot", str(tmp_path / "nowhere" / "f.png")])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / P.PROFILE_FILE).write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="profile.safetensors: not a gradient profile"):
+        P.main([str(tmp_path / "bad")])
 
 
 def test_plot_writes_a_png_with_a_rank_history_for_dynamic_runs(tmp_path):

@@ -13,8 +13,9 @@ from conftest import ROOT
 TRAIN = os.path.join(ROOT, "train.py")
 
 
-def run(args, cwd, ok=True):
-    p = subprocess.run([sys.executable, TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def run(args, cwd, ok=True, env=None):
+    p = subprocess.run([sys.executable, TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                       env=None if env is None else {**os.environ, **env})
     if ok:
         assert p.returncode == 0, p.stdout + p.stderr
     return p
@@ -110,14 +111,44 @@ def test_clear_errors(tmp_path):
         (["--model", str(tmp_path / "nowhere"), "--device", "cpu"], "cannot load model"),
         (["--model", str(tmp_path / "empty"), "--device", "cpu"], "config.json"),
     ]
+    cases += [(["--preset", "tiny", flag, "0"], f"{flag} 0: must be >= 1")
+              for flag in ("--steps", "--prompts-per-step", "--micro-batch", "--checkpoint-every", "--rank",
+                           "--eval-n", "--threads", "--eval-batch")]
+    cases += [
+        (["--preset", "tiny", "--steps", "-3"], "--steps -3: must be >= 1"),
+        (["--preset", "tiny", "--num-generations", "1"], "needs at least 2"),
+        (["--preset", "tiny", "--data", "nowhere"], "--data with --preset tiny"),
+        (["--preset", "tiny", "--model", "Qwen/Qwen2.5-0.5B"], "--model with --preset tiny"),
+        (["--preset", "tiny", "--rank-pattern", "zeros.json", "--out", "runs/z"], "every module has rank 0"),
+        (["--preset", "tiny", "--rank-pattern", "huge.json", "--out", "runs/h"], "exceeds its smaller dimension 32"),
+        (["--preset", "tiny", "--out", "afile"], "afile is a file"),
+        (["--preset", "tiny", "--out", "afile/run"], "afile is a file"),
+        (["--preset", "tiny", "--config", "bad.json"], "bad.json:2: not valid JSON"),
+        (["--resume", "bad_run"], "config.json:1: not valid JSON"),
+        (["--device", "cpu", "--data", "nodata"], "nodata: no such file"),
+        (["--device", "cpu", "--data", "emptydata", "--data-unverified"], "train.jsonl: no problems"),
+        (["--device", "cpu", "--data", "emptydata"], "is not the GSM8K train release's"),
+        (["--device", "cpu", "--data", "baddata", "--data-unverified"], "baddata/train.jsonl:2: malformed"),
+    ]
+    (tmp_path / "zeros.json").write_text(json.dumps({"model.layers.*": 0}))
+    (tmp_path / "huge.json").write_text(json.dumps({"model.layers.0.self_attn.k_proj": 100000}))
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "bad_run").mkdir()
+    (tmp_path / "bad_run" / "config.json").write_text("{oops")
+    for name, text in (("emptydata", ""), ("baddata", '{"question": "q", "answer": "a #### 3"}\n{oops\n')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.jsonl").write_text(text)
+        (tmp_path / name / "test.jsonl").write_text(text)
     (tmp_path / "bad.json").write_text('{\n  "model.layers.0.mlp.up_proj": 4,,\n}')
     (tmp_path / "nomatch.json").write_text('{"model.layers.99.mlp.up_proj": 4}')
     (tmp_path / "empty").mkdir()
+    before = sorted(os.listdir(tmp_path))
     for args, expected in cases:
         p = run(args, tmp_path, ok=False)
         assert p.returncode != 0, args
         err = p.stderr.strip().splitlines()
-        assert err and err[-1].startswith("error:") and expected in err[-1], (args, p.stderr[-500:])
+        assert len(err) == 1 and err[0].startswith("error:") and expected in err[0], (args, p.stderr[-500:])
+        assert sorted(os.listdir(tmp_path)) == before, args  # nothing created: no runs/, no half-written folder
 
 
 def test_rank_pattern_file_is_used(tmp_path):
@@ -145,7 +176,7 @@ def test_sft_regime_and_seeds_land_in_the_same_report(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "sft:uniform" in p.stdout and "Across seeds" in p.stdout
     stats = p.stdout.split("Gradient statistics")[1].splitlines()
-    assert {line.split()[0] for line in stats if line.split()[-1:] != []} >= {"sft", "seed0", "seed1"}  # by folder
+    assert {line.split()[0] for line in stats if line.split()} >= {"sft", "grpo/seed0", "grpo/seed1"}  # by folder
     assert any(line.split()[:3] == ["sft", "sft", "fixed"] for line in stats)  # algo and scale policy named
     # every seed is evaluated on the same problems (the subset does not follow the training seed)
     idx = [[json.loads(line)["index"] for line in open(tmp_path / f"runs/grpo/seed{s}/eval_final.jsonl")] for s in (0, 1)]
@@ -253,3 +284,145 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+# ---------------------------------------------------------------- nothing lost, nothing silent (issue 18)
+
+def metrics_of(folder):
+    return [json.loads(line) for line in open(folder / "metrics.jsonl")]
+
+
+def test_resume_reconciles_every_file_with_the_checkpoint(tmp_path):
+    common = ["--preset", "tiny", "--steps", "6", "--eval-every", "0", "--checkpoint-every", "2"]
+    run([*common, "--out", "runs/whole"], tmp_path)
+    # a crash before the first checkpoint (or a deleted checkpoint.pt): start again at step 0, nothing counted twice
+    run([*common, "--out", "runs/nockpt", "--stop-after", "3"], tmp_path)
+    (tmp_path / "runs/nockpt/checkpoint.pt").unlink()
+    p = run(["--resume", "runs/nockpt"], tmp_path)
+    assert "starting again at step 0 (the 3 steps logged before are discarded)" in p.stdout
+    m = metrics_of(tmp_path / "runs/nockpt")
+    assert [x["step"] for x in m] == list(range(1, 7))
+    res, whole = load(tmp_path / "runs/nockpt/results.json"), load(tmp_path / "runs/whole/results.json")
+    assert res["train_tokens"] == sum(x["tokens"] for x in m) == whole["train_tokens"]
+    # metrics.jsonl lost: steps would vanish silently, so the resume is refused, saying what is missing
+    run([*common, "--out", "runs/nometrics", "--stop-after", "2"], tmp_path)
+    (tmp_path / "runs/nometrics/metrics.jsonl").unlink()
+    p = run(["--resume", "runs/nometrics"], tmp_path, ok=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and "metrics.jsonl holds 0 of the checkpoint's 2 steps" in last, p.stderr[-1000:]
+    # a corrupt profile: one line
+    run([*common, "--out", "runs/badprofile", "--stop-after", "2"], tmp_path)
+    (tmp_path / "runs/badprofile/profile.safetensors").write_bytes(b"garbage")
+    p = run(["--resume", "runs/badprofile"], tmp_path, ok=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and "profile.safetensors cannot be read" in last and "Traceback" not in p.stderr
+
+
+def test_resume_applies_the_flags_that_may_change_and_refuses_the_others(tmp_path):
+    common = ["--preset", "tiny", "--steps", "3", "--eval-every", "0", "--eval-n", "8"]
+    run([*common, "--out", "runs/r"], tmp_path)
+    results = (tmp_path / "runs/r/results.json").read_bytes()
+    p = run(["--resume", "runs/r"], tmp_path)  # finished: said, and nothing is touched
+    assert "is finished (3 of 3 steps" in p.stdout and (tmp_path / "runs/r/results.json").read_bytes() == results
+    p = run(["--resume", "runs/r", "--steps", "5", "--lr", "0.5"], tmp_path, ok=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert "--lr (the run has 0.002) cannot change when resuming" in last and "--steps" in last
+    run(["--resume", "runs/r", "--steps", "5"], tmp_path)  # more steps: applied and saved
+    assert load(tmp_path / "runs/r/config.json")["steps"] == 5 and load(tmp_path / "runs/r/results.json")["steps"] == 5
+    assert [x["step"] for x in metrics_of(tmp_path / "runs/r")] == [1, 2, 3, 4, 5]
+
+
+def test_the_profile_source_is_checked_named_and_saved(tmp_path):
+    common = ["--preset", "tiny", "--steps", "2", "--eval-every", "0", "--eval-n", "8"]
+    run([*common, "--algo", "sft", "--out", "runs/sft"], tmp_path)
+    run([*common, "--strategy", "random", "--out", "runs/random"], tmp_path)
+    for src, why in (("runs/sft", "its algo is 'sft'"), ("runs/random", "a 'random' run")):
+        p = run([*common, "--strategy", "proportional", "--profile", src, "--out", "runs/p"], tmp_path, ok=False)
+        last = p.stderr.strip().splitlines()[-1]
+        assert p.returncode != 0 and why in last and "--any-profile" in last, p.stderr[-800:]
+        assert not (tmp_path / "runs/p").exists()
+    p = run([*common, "--strategy", "proportional", "--out", "runs/p"], tmp_path, ok=False)  # none fits
+    assert "needs the gradient profile of a finished uniform run" in p.stderr.strip().splitlines()[-1]
+    run([*common, "--out", "runs/uniform"], tmp_path)
+    (tmp_path / "runs/broken").mkdir()
+    (tmp_path / "runs/broken/config.json").write_text("{not json")  # must not crash the search
+    p = run([*common, "--strategy", "reduced", "--out", "runs/red"], tmp_path)
+    assert "profile from runs/uniform (the newest finished uniform grpo run" in p.stdout
+    assert load(tmp_path / "runs/red/config.json")["profile"] == "runs/uniform"
+    run([*common, "--strategy", "reduced", "--profile", "runs/random", "--any-profile", "--out", "runs/red2"], tmp_path)
+
+
+def test_report_skips_unfinished_folders_and_expands_seeds(tmp_path):
+    run(["--preset", "tiny", "--steps", "2", "--eval-every", "0", "--eval-n", "8", "--seeds", "0,1", "--out",
+         "runs/s"], tmp_path)
+    (tmp_path / "runs/empty").mkdir()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), "runs/s", "runs/empty", "runs/s/seed0"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = [line.split()[0] for line in p.stdout.split("\n\n")[0].splitlines()[1:]]
+    assert rows == ["s/seed0", "s/seed1"]  # the parent expanded, in order, seed0 once
+    assert "skipped runs/empty: no results.json" in p.stdout
+    assert "uniform" in p.stdout.split("Across seeds")[1].splitlines()[1]
+    assert p.stdout.split("Across seeds")[1].splitlines()[1].split()[1] == "2"  # two runs, not three
+
+
+def test_the_tiny_run_names_the_model_it_used_and_help_shows_defaults(tmp_path):
+    run(["--preset", "tiny", "--steps", "1", "--eval-every", "0", "--eval-n", "4", "--out", "runs/t"], tmp_path)
+    assert load(tmp_path / "runs/t/config.json")["model"] == "tiny"
+    assert load(tmp_path / "runs/t/config.json")["model_path"] == "runs/t/tiny-model"
+    assert load(tmp_path / "runs/t/adapter/adapter_config.json")["base_model_name_or_path"] == "runs/t/tiny-model"
+    out = run(["--help"], tmp_path).stdout
+    assert "[default: 1e-05]" in out and "[default: Qwen/Qwen2.5-1.5B-Instruct]" in out and "[default: off]" in out
+
+
+def test_ctrl_c_twice_stops_at_once_in_one_line(tmp_path, monkeypatch):
+    """The second Ctrl-C arrives while a step runs (sent from inside the step, so the timing is exact):
+    SystemExit with one line, which Python prints without a traceback."""
+    import os as _os
+    import signal
+    import time as _time
+    import grpo
+    import train
+    real_step = grpo.grpo_step
+
+    def step_with_two_interrupts(*args, **kw):
+        _os.kill(_os.getpid(), signal.SIGINT)
+        _time.sleep(0.05)  # the handler runs: first Ctrl-C, finish this step
+        _os.kill(_os.getpid(), signal.SIGINT)
+        _time.sleep(0.05)  # the second: out at once
+        return real_step(*args, **kw)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(grpo, "grpo_step", step_with_two_interrupts)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--preset", "tiny", "--steps", "5", "--eval-every", "0", "--out", "runs/i"])
+    assert str(e.value).strip() == "interrupted twice: stopped at once; --resume runs/i continues from the last checkpoint"
+
+
+def test_ctrl_c_during_the_final_evaluation_exits_in_one_line(tmp_path, monkeypatch):
+    """Outside the step loop Ctrl-C is Python's KeyboardInterrupt; the command line turns it into one line."""
+    import gsm8k
+    import train
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(gsm8k, "evaluate", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train.cli(["--preset", "tiny", "--steps", "1", "--eval-every", "0", "--out", "runs/e"])
+    assert str(e.value).strip() == "interrupted: nothing after the last checkpoint was saved; --resume RUN_DIR continues"
+    assert (tmp_path / "runs/e/checkpoint.pt").exists()  # the training before it is kept
+
+
+def test_without_network_the_error_says_how_to_run_offline(tmp_path):
+    """The default model comes from the Hub, which this machine cannot reach: one line, with the way out."""
+    from conftest import GSM8K_DIR
+    if not os.path.isdir(GSM8K_DIR):
+        pytest.skip("../shared/data/gsm8k not present")
+    p = run(["--strategy", "uniform", "--device", "cpu", "--data", GSM8K_DIR, "--out", "runs/u"], tmp_path, ok=False,
+            env={"HF_HUB_OFFLINE": "1"})  # never a 3 GB download, even where the Hub can be reached
+    err = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(err) == 1, p.stderr[-2000:]
+    assert "cannot load model 'Qwen/Qwen2.5-1.5B-Instruct'" in err[0] and "--preset tiny runs offline" in err[0]
+    assert "--model DIR" in err[0] and not (tmp_path / "runs").exists()
