@@ -687,6 +687,16 @@ def finish(run: Run, t_total: float):
         f"format {res['format_rate']:.2f}; results in {run.dir}")
 
 
+def known_layers(cfg: TrainConfig) -> int | None:
+    """The model's layer count when it is known without building or downloading anything."""
+    if cfg.preset == "tiny":
+        return tiny.TINY_SHAPE["num_hidden_layers"]
+    try:
+        return qwen.read_config(cfg.model).num_hidden_layers if os.path.isdir(cfg.model) else None
+    except (OSError, ValueError):
+        return None  # Run reports it, with the model's other errors
+
+
 def check_out(run_dir: str):
     """--out must be a folder we can create, or an existing folder: not a file, nor under one."""
     path = os.path.abspath(run_dir)
@@ -710,6 +720,8 @@ def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None
             read_rank_pattern(cfg.rank_pattern)
         elif cfg.strategy in ("proportional", "reduced"):
             notes.append(choose_profile(cfg))
+        if cfg.strategy != "base" and (layers := known_layers(cfg)):
+            resolve_ranks(cfg, layers)  # budget and bound errors now, not after a model build
     parallel.barrier()  # every process has checked the folder before rank 0 writes into it
     t0 = time.perf_counter()
     created = os.path.abspath(run_dir)  # the outermost folder this run will create, removed on failure

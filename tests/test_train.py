@@ -116,6 +116,7 @@ def test_clear_errors(tmp_path):
                            "--eval-n", "--threads", "--eval-batch")]
     cases += [
         (["--preset", "tiny", "--steps", "-3"], "--steps -3: must be >= 1"),
+        (["--preset", "tiny", "--strategy", "random", "--r-min", "20"], "bounds must satisfy 0 <= r_min <= r_max"),
         (["--preset", "tiny", "--num-generations", "1"], "needs at least 2"),
         (["--preset", "tiny", "--data", "nowhere"], "--data with --preset tiny"),
         (["--preset", "tiny", "--model", "Qwen/Qwen2.5-0.5B"], "--model with --preset tiny"),
