@@ -20,11 +20,12 @@ proportional 20-40, random 16-48, reduced 12-32 (the study reports 12-31 for red
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
+
+import rundir
 
 STRATEGIES = ("uniform", "proportional", "random", "reduced")
 # Bounds as fractions of the uniform rank (budget / units): at 896 / 28 = 32 they are the study's
@@ -133,14 +134,14 @@ def rank_pattern(ranks: list[int], modules=MODULES, per_module: bool = False) ->
 
 def read_shares(run_dir: str, normalised: bool = False) -> list[float]:
     """Per-layer gradient shares from a run's profile_summary.json (written by profiler.py)."""
-    path = os.path.join(run_dir, "profile_summary.json")
+    path = os.path.join(run_dir, rundir.PROFILE_SUMMARY)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no gradient profile summary (run a uniform arm first: "
                                 f"python train.py --strategy uniform)")
+    summary = rundir.read_json(path)
     try:
-        with open(path) as f:
-            shares = json.load(f)["normalised" if normalised else "raw"]["shares"]
-    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        shares = summary["normalised" if normalised else "raw"]["shares"]
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a profile summary ({type(e).__name__}: {e})") from None
     if not (isinstance(shares, list) and shares and all(isinstance(x, (int, float)) for x in shares)):
         raise ValueError(f"{path}: its shares are not a list of numbers")
@@ -174,10 +175,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     print(table(ranks))
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rank_pattern(ranks), f, indent=1)
-        os.replace(tmp, args.out)
+        rundir.atomic_json(args.out, rank_pattern(ranks))
         print(f"wrote {args.out}")
 
 

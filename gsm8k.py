@@ -40,6 +40,7 @@ from fractions import Fraction
 import torch
 
 from generate import generate
+from rundir import atomic_lines
 
 SHA256 = {"train": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
           "test": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"}
@@ -307,11 +308,7 @@ def summarise(records: list[dict], records_path: str | None = None) -> dict:
     n = len(records)
     k = sum(r["correct"] for r in records)
     if records_path:
-        tmp = records_path + ".tmp"
-        with open(tmp, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, records_path)
+        atomic_lines(records_path, [json.dumps(r) + "\n" for r in records])
     lengths = [r["tokens"] for r in records] or [0]
     return {"n": n, "correct": k, "accuracy": k / max(n, 1), "ci95": wilson_interval(k, n),
             "lenient_accuracy": sum(r["lenient_correct"] for r in records) / max(n, 1),

@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rundir import atomic_json, atomic_write
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCALE_POLICIES = ("fixed", "constant", "rslora")
 
@@ -350,12 +352,6 @@ def peft_config(model: nn.Module, base_model_name_or_path: str = "") -> dict:
     }
 
 
-def _atomic_write(path: str, write):
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_adapter(model: nn.Module, folder: str, base_model_name_or_path: str = ""):
     """adapter_config.json + adapter_model.safetensors in PEFT's layout, each written atomically."""
     from safetensors.torch import save_file
@@ -365,9 +361,8 @@ def save_adapter(model: nn.Module, folder: str, base_model_name_or_path: str = "
         tensors[f"{PEFT_PREFIX}{p}.lora_A.weight"] = m.A.detach().float().cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{p}.lora_B.weight"] = m.B.detach().float().cpu().contiguous()
     cfg = peft_config(model, base_model_name_or_path)
-    _atomic_write(os.path.join(folder, "adapter_model.safetensors"), lambda t: save_file(tensors, t))
-    _atomic_write(os.path.join(folder, "adapter_config.json"),
-                  lambda t: open(t, "w").write(json.dumps(cfg, indent=2)))
+    atomic_write(os.path.join(folder, "adapter_model.safetensors"), lambda t: save_file(tensors, t))
+    atomic_json(os.path.join(folder, "adapter_config.json"), cfg)
 
 
 def _peft_lookup(pattern: dict, name: str, default):

@@ -7,7 +7,7 @@ profiler.py; tests/test_profiler.py fails if any top-level module shadows the st
 Recording: `GradientProfiler(model).record()` after the backward of a step (after all micro-batches,
 so it sees the accumulated gradient) computes every ‖∇A‖ and ‖∇B‖ in one batched call on the device
 (`torch._foreach_norm`) and copies them to the host once: one row [layers, modules, 2] per step.
-Saved as run_dir/profile.safetensors: grad_norms [steps, layers, modules, 2], ranks and scales
+Saved as run_dir/profile.safetensors (rundir.PROFILE): grad_norms [steps, layers, modules, 2], ranks and scales
 [steps, layers, modules] (they change under dynamic allocation), plus profile_summary.json.
 
 Analysis. The study names its statistics but does not define them; these are the project's choices
@@ -43,9 +43,9 @@ import sys
 import numpy as np
 import torch
 
+import rundir
 from lora import TARGETS, layer_of, lora_modules
 
-PROFILE_FILE, SUMMARY_FILE = "profile.safetensors", "profile_summary.json"
 SHIFT_TOL = 1e-4  # percentage points: share changes all below this are rounding noise, not a shift
 DEFINITIONS = {
     "layer_norm": "sqrt of the sum of the squared gradient norms of the layer's LoRA matrices (7 modules x A, B)",
@@ -116,11 +116,10 @@ class GradientProfiler:
         from safetensors.numpy import save_file
         p = self.profile()
         meta = {"modules": json.dumps(self.kinds), "layers": str(self.num_layers)}
-        tmp = os.path.join(run_dir, PROFILE_FILE + ".tmp")
-        save_file({"grad_norms": p.grad_norms, "ranks": p.ranks, "scales": p.scales}, tmp, metadata=meta)
-        os.replace(tmp, os.path.join(run_dir, PROFILE_FILE))
+        tensors = {"grad_norms": p.grad_norms, "ranks": p.ranks, "scales": p.scales}
+        rundir.atomic_write(os.path.join(run_dir, rundir.PROFILE), lambda tmp: save_file(tensors, tmp, metadata=meta))
         if len(self):
-            atomic_json(os.path.join(run_dir, SUMMARY_FILE), summary(p, self.scale_policy))
+            rundir.atomic_json(os.path.join(run_dir, rundir.PROFILE_SUMMARY), summary(p, self.scale_policy))
 
     def load(self, run_dir: str):
         """Continue from a saved history (resume)."""
@@ -129,13 +128,6 @@ class GradientProfiler:
 
     def truncate(self, steps: int):
         del self.grad_norms[steps:], self.ranks[steps:], self.scales[steps:]
-
-
-def atomic_json(path: str, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------------- analysis
@@ -156,7 +148,7 @@ class Profile:
 def load_profile(run_dir: str) -> Profile:
     from safetensors import safe_open
     from safetensors.numpy import load_file
-    path = os.path.join(run_dir, PROFILE_FILE)
+    path = os.path.join(run_dir, rundir.PROFILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no gradient profile in this run folder")
     try:
@@ -239,11 +231,8 @@ def summary(p: Profile, scale_policy: str | None = None) -> dict:
 
 def run_config(run_dir: str) -> dict:
     """The run's config.json ({} when there is none, e.g. a bare profile folder)."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    path = os.path.join(run_dir, rundir.CONFIG)
+    return rundir.read_json(path) if os.path.isfile(path) else {}
 
 
 def run_label(run_dir: str) -> str:

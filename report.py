@@ -19,25 +19,26 @@ problems, and is only significant when the two runs disagree on few problems.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
-import re
 import statistics
 import sys
 
 import numpy as np
 
+import rundir
 from profiler import report as profile_report, run_label
 
 
 def load_results(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "results.json")
+    path = os.path.join(run_dir, rundir.RESULTS)
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path}: no results (is the run finished?)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        return rundir.read_json(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
 
 
 def fmt_params(p: int) -> str:
@@ -50,21 +51,17 @@ def finished_runs(paths: list[str]) -> tuple[list[str], list[str]]:
     the order is the order given."""
     runs, notes, seen = [], [], set()
     for path in paths:
-        seeds = sorted(glob.glob(os.path.join(path, "seed*", "results.json")),
-                       key=lambda p: int(re.sub(r"\D", "", os.path.basename(os.path.dirname(p))) or 0))
-        if not os.path.isfile(os.path.join(path, "results.json")) and seeds:
-            candidates = [os.path.dirname(p) for p in seeds]
-        else:
-            candidates = [path]
+        seeds = rundir.seed_runs(path)
+        candidates = seeds if seeds and not rundir.is_finished(path) else [path]
         for d in candidates:
             key = os.path.realpath(d)
             if key in seen:
                 continue
             seen.add(key)
-            if os.path.isfile(os.path.join(d, "results.json")):
+            if rundir.is_finished(d):
                 runs.append(d)
             else:
-                notes.append(f"skipped {d}: no results.json (not a finished run)")
+                notes.append(f"skipped {d}: no {rundir.RESULTS} (not a finished run)")
     return runs, notes
 
 
@@ -99,7 +96,7 @@ def full_report(paths: list[str]) -> str:
     if not run_dirs:
         raise SystemExit("error: no finished run among " + ", ".join(paths) + (f" ({'; '.join(notes)})" if notes else ""))
     text = results_table(run_dirs) + "".join(f"\n({note})" for note in notes)
-    profiled = [d for d in run_dirs if os.path.isfile(os.path.join(d, "profile.safetensors"))]
+    profiled = [d for d in run_dirs if os.path.isfile(os.path.join(d, rundir.PROFILE))]
     if profiled:
         text += "\n\nGradient statistics (shares in %, raw and rank-normalised):\n" + profile_report(profiled)
     return text
@@ -108,7 +105,7 @@ def full_report(paths: list[str]) -> str:
 # --------------------------------------------------------------------------------- paired comparison
 
 def load_correct(run_dir: str) -> dict[int, bool]:
-    path = os.path.join(run_dir, "eval_final.jsonl")
+    path = os.path.join(run_dir, rundir.eval_records("final"))
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path}: no evaluation records")
     with open(path) as f:

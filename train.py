@@ -20,17 +20,14 @@ final evaluation records, the adapter in PEFT format, checkpoint.pt and results.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import glob
 import json
 import os
 import random
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,199 +41,10 @@ import model as qwen
 import parallel
 import sft
 import tiny
-from profiler import GradientProfiler, atomic_json
-
-STRATEGIES = ("base", "uniform", "proportional", "random", "reduced", "dynamic")
-TINY_MODEL = "tiny"  # --preset tiny's model: built by tiny.py into the run folder
-# flags that may change when a run is resumed: how long and how it runs, never what it trains
-RESUMABLE = ("steps", "stop_after", "checkpoint_every", "threads", "eval_batch", "compile", "device")
-ALGOS = ("grpo", "sft")
-
-
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    # --- what to run
-    strategy: str = opt("uniform", f"rank allocation: {'|'.join(STRATEGIES)}")
-    algo: str = opt("grpo", "grpo (the study) | sft (the same LoRA on the reference solutions, for comparison)")
-    model: str = opt("Qwen/Qwen2.5-1.5B-Instruct", "Hub repo id or local folder of a Qwen2 checkpoint")
-    data: str | None = opt(None, "folder with GSM8K {train,test}.jsonl (default: download the original release); "
-                                 "checked against the release's sha256")
-    data_unverified: bool = opt(False, "accept --data files that differ from the GSM8K release (your own data)")
-    preset: str | None = opt(None, "'tiny': random tiny model, synthetic problems, a few steps, offline on a CPU")
-    out: str | None = opt(None, "run folder (default runs/<strategy>-<timestamp>)")
-    seed: int = opt(0, "seed of everything: data order, sampling, LoRA init, random allocation")
-    seeds: str | None = opt(None, "comma-separated seeds: one run per seed, in <out>/seed<N>")
-    # --- LoRA and the rank budget
-    rank: int = opt(32, "uniform rank r0; the budget is layers x r0 unless --budget is given")
-    budget: int | None = opt(None, "total of per-layer ranks (default layers x rank = 896 on Qwen2.5-1.5B)")
-    alpha: float = opt(64.0, "LoRA alpha (2 x r0, the common choice; the study does not state it)")
-    scale_policy: str = opt("fixed", "fixed (alpha/r, PEFT's default) | constant (alpha/r0) | rslora (alpha/sqrt r)")
-    dropout: float = opt(0.0, "LoRA dropout (0: GRPO's log-prob ratios should not see dropout noise)")
-    r_min: int | None = opt(None, "lower rank bound (default by strategy: 20/16/12 at r0=32)")
-    r_max: int | None = opt(None, "upper rank bound (default by strategy: 40/48/32 at r0=32)")
-    fraction: float = opt(0.7, "budget fraction of the reduced strategy")
-    profile: str | None = opt(None, "finished uniform run (same algo, model, preset) whose profile drives "
-                                    "proportional/reduced (default: the newest under runs/)")
-    any_profile: bool = opt(False, "accept a --profile run that is not a finished uniform run of this algo/model/preset")
-    normalised_profile: bool = opt(False, "allocate from rank-normalised instead of raw gradient shares")
-    rank_pattern: str | None = opt(None, "JSON file {module path: rank} (e.g. from allocate.py), replaces the strategy")
-    # --- dynamic allocation (see dynamic.py)
-    dynamic_every: int = opt(50, "dynamic: steps between rank moves")
-    dynamic_t_init: int = opt(100, "dynamic: no move before this step")
-    dynamic_t_final: int = opt(800, "dynamic: no move after this step")
-    dynamic_window: int = opt(50, "dynamic: profiled steps that estimate importance")
-    dynamic_normalised: bool = opt(True, "dynamic: rank-normalised importance (--no-dynamic-normalised: raw)")
-    # --- GRPO (unstated in the study: common GRPO-on-GSM8K values, each a flag)
-    steps: int = opt(1000, "optimisation steps (the study: 1000)")
-    prompts_per_step: int = opt(4, "prompts per step (the study: 4)")
-    num_generations: int = opt(4, "completions per prompt, K (the study: 4)")
-    max_new_tokens: int = opt(512, "completion length cap: GSM8K reasoning fits in 512 for Qwen2.5-1.5B")
-    temperature: float = opt(1.0, "sampling temperature T; the learner's log-probs use the same softmax(logits/T)")
-    top_p: float = opt(1.0, "nucleus sampling (1.0: off); the learner does not correct for the truncation, as in TRL")
-    is_cap: float = opt(3.0, "cap of the per-token importance weight pi_old/pi_sampler for the sampler-learner "
-                             "mismatch (bf16 merged sampling; TRL's C_max); 0: off")
-    lr: float = opt(1e-5, "peak learning rate (LoRA GRPO recipes use 5e-6 to 2e-5)")
-    warmup_steps: int = opt(50, "linear warm-up steps")
-    lr_schedule: str = opt("cosine", "constant | cosine (to 10% of the peak)")
-    weight_decay: float = opt(0.1, "AdamW weight decay on the adapters")
-    beta: float = opt(0.04, "KL weight (DeepSeekMath's 0.04)")
-    eps_low: float = opt(0.2, "lower clip range")
-    eps_high: float = opt(0.2, "upper clip range (DAPO raises it to 0.28)")
-    loss_type: str = opt("grpo", "grpo | dapo | dr_grpo (see grpo.py)")
-    scale_rewards: bool = opt(True, "divide advantages by the group std (off: Dr. GRPO)")
-    num_iterations: int = opt(1, "optimiser passes per sampled batch")
-    mask_truncated: bool = opt(False, "exclude completions that hit max_new_tokens from the loss")
-    micro_batch: int = opt(4, "sequences per forward/backward (lower it on out-of-memory)")
-    grad_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% slower)")
-    compile: str = opt("auto", "torch.compile the decode step: auto (on with CUDA, as a CUDA graph) | on | off")
-    max_grad_norm: float = opt(1.0, "gradient-norm clip (0: off)")
-    reward_correct: float = opt(1.0, "weight of the correctness reward")
-    reward_format: float = opt(0.5, "weight of the format reward")
-    format_strict: bool = opt(False, "strict format reward instead of partial credit (0.25 per tag)")
-    # --- evaluation and bookkeeping
-    eval_n: int | None = opt(None, "test problems for the final evaluation (default all 1,319); a subset is drawn "
-                                   "with gsm8k.EVAL_SEED, the same for every training seed")
-    eval_every: int = opt(0, "evaluate every N steps on --eval-every-n problems (0: final only)")
-    eval_every_n: int = opt(200, "problems in each periodic evaluation")
-    eval_max_new_tokens: int = opt(512, "completion cap in evaluation")
-    eval_batch: int = opt(64, "evaluation batch size")
-    checkpoint_every: int = opt(50, "steps between checkpoints")
-    stop_after: int | None = opt(None, "stop (with a checkpoint) after this many steps of this invocation")
-    device: str | None = opt(None, "cuda | cpu (default: cuda when present)")
-    threads: int | None = opt(None, "CPU threads (default: 1 for --preset tiny, whose small operations only lose "
-                                    "time to more threads on a busy machine; otherwise OMP_NUM_THREADS when set, "
-                                    "else PyTorch's default)")
-
-
-PRESETS = {
-    "tiny": dict(model=TINY_MODEL, steps=12, prompts_per_step=4, num_generations=4, max_new_tokens=32, rank=8, alpha=16.0, lr=2e-3,
-                 warmup_steps=1, eval_n=32, eval_every=6, eval_every_n=8, eval_max_new_tokens=32, eval_batch=32,
-                 checkpoint_every=4, device="cpu", dynamic_every=3, dynamic_t_init=3, dynamic_t_final=9,
-                 dynamic_window=3),
-}
-
-
-# ------------------------------------------------------------------------------------------ set-up
-
-def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help strings
-        if f.default is not None and f.type != "bool":
-            text += f" [default: {f.default}]"
-        elif f.type == "bool":
-            text += f" [default: {'on' if f.default else 'off'}]"
-        if f.type == "bool":
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
-            ap.add_argument(flag, type=kind, default=None, help=text)
-    ap.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
-    ap.add_argument("--config", metavar="FILE", help="start from a run's saved config.json (flags override it)")
-    args = ap.parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name) is not None}
-    args.given = given
-    base = read_config(args.config) if args.config else {}
-    preset = given.get("preset", base.get("preset"))
-    if preset is not None and preset not in PRESETS:
-        raise SystemExit(f"error: --preset {preset!r} unknown; allowed: {sorted(PRESETS)}")
-    for name in ("model", "data"):
-        if preset == "tiny" and name in given:
-            raise SystemExit(f"error: --{name} with --preset tiny: the tiny preset builds its own model and "
-                             f"synthetic problems; drop --preset tiny to use --{name} {given[name]}")
-    cfg = TrainConfig(**{**(PRESETS.get(preset) or {}), **base, **given})
-    check(cfg)
-    return cfg, args
-
-
-def read_config(path: str) -> dict:
-    """The TrainConfig fields of a saved config.json (a run's, to repeat or resume it)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {path}: no such config file")
-    saved = read_json(path)
-    if not isinstance(saved, dict):
-        raise SystemExit(f"error: {path}: not a run's config (expected a JSON object)")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in saved.items() if k in names and k not in ("out", "stop_after")}
-
-
-def read_json(path: str):
-    """A JSON file's content, or a one-line error naming the file and the line."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {path}:{e.lineno}: not valid JSON ({e.msg})")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: {path}: cannot be read ({getattr(e, 'strerror', None) or e})")
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check(cfg: TrainConfig):
-    """One-line errors for settings that cannot work, before anything is built or written."""
-    at_least = {"steps": 1, "prompts_per_step": 1, "micro_batch": 1, "checkpoint_every": 1, "rank": 1,
-                "max_new_tokens": 1, "eval_every": 0, "eval_every_n": 1, "eval_max_new_tokens": 1, "eval_batch": 1,
-                "warmup_steps": 0, "dynamic_every": 1, "dynamic_window": 1, "dynamic_t_init": 0,
-                "eval_n": 1, "budget": 1, "stop_after": 1, "threads": 1, "r_min": 0, "r_max": 1}
-    for name, low in at_least.items():
-        value = getattr(cfg, name)
-        if value is not None and value < low:
-            raise SystemExit(f"error: {flag(name)} {value}: must be >= {low}")
-    if cfg.algo == "grpo" and cfg.num_generations < 2:
-        raise SystemExit(f"error: --num-generations {cfg.num_generations}: GRPO compares completions of the same "
-                         f"prompt, so it needs at least 2 (the study: 4)")
-    if not 0 < cfg.fraction <= 1:
-        raise SystemExit(f"error: --fraction {cfg.fraction}: must be in (0, 1]")
-    if not cfg.lr > 0:
-        raise SystemExit(f"error: --lr {cfg.lr}: must be > 0")
-    if cfg.algo not in ALGOS:
-        raise SystemExit(f"error: --algo {cfg.algo!r} unknown; allowed: {', '.join(ALGOS)}")
-    if cfg.algo == "sft" and cfg.strategy == "base":
-        raise SystemExit("error: --algo sft needs adapters to train; --strategy base only evaluates")
-    if cfg.strategy not in STRATEGIES:
-        raise SystemExit(f"error: --strategy {cfg.strategy!r} unknown; allowed: {', '.join(STRATEGIES)}")
-    if cfg.scale_policy not in lora.SCALE_POLICIES:
-        raise SystemExit(f"error: --scale-policy {cfg.scale_policy!r} unknown; allowed: {lora.SCALE_POLICIES}")
-    if cfg.loss_type not in grpo.LOSS_TYPES:
-        raise SystemExit(f"error: --loss-type {cfg.loss_type!r} unknown; allowed: {grpo.LOSS_TYPES}")
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise SystemExit(f"error: --lr-schedule {cfg.lr_schedule!r} unknown; allowed: constant, cosine")
-    if cfg.compile not in ("auto", "on", "off"):
-        raise SystemExit(f"error: --compile {cfg.compile!r} unknown; allowed: auto, on, off")
-    if not cfg.temperature > 0:
-        raise SystemExit(f"error: --temperature {cfg.temperature}: GRPO samples, so it must be > 0")
-    if cfg.is_cap < 0:
-        raise SystemExit(f"error: --is-cap {cfg.is_cap}: must be >= 0 (0 turns the correction off)")
-
+import rundir
+from config import ALGOS, RESUMABLE, TrainConfig, check, flag, parse_args, read_config
+from profiler import GradientProfiler
+from rundir import atomic_json
 
 def set_threads(cfg: TrainConfig) -> str:
     """Fix the CPU thread count (saved in the config, since it sets the float summation order) and say why."""
@@ -283,48 +91,28 @@ def load_data(cfg: TrainConfig):
         raise SystemExit(f"error: {one_line(e)}{hint}")
 
 
+def read_json(path: str):
+    """rundir.read_json, with a corrupt file as a one-line error."""
+    try:
+        return rundir.read_json(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (library messages often span several)."""
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def profile_problem(cfg: TrainConfig, run_dir: str) -> str | None:
-    """Why `run_dir` cannot provide this run's profile (None when it can): it must be a finished uniform
-    run, without a rank pattern, of the same algorithm, model and preset, with a gradient profile."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        return "not a run folder (no config.json)"
-    try:
-        with open(path) as f:
-            other = json.load(f)
-        assert isinstance(other, dict)
-    except (OSError, ValueError, AssertionError):
-        return "its config.json cannot be read"
-    if other.get("strategy") != "uniform" or other.get("rank_pattern"):
-        return f"a {other.get('strategy')!r} run{' with a rank pattern' if other.get('rank_pattern') else ''}, not a uniform one"
-    for name in ("algo", "model", "preset"):
-        if other.get(name, "grpo" if name == "algo" else None) != getattr(cfg, name):
-            return f"its {name} is {other.get(name)!r}, this run's {getattr(cfg, name)!r}"
-    if not os.path.isfile(os.path.join(run_dir, "results.json")):
-        return "not finished (no results.json)"
-    if not os.path.isfile(os.path.join(run_dir, "profile_summary.json")):
-        return "no gradient profile (profile_summary.json)"
-    return None
-
-
 def latest_uniform_run(cfg: TrainConfig) -> str:
     """The newest finished uniform run for the same algorithm, model and preset under runs/."""
-    found = []
-    for c in glob.glob(os.path.join("runs", "*", "config.json")):
-        d = os.path.dirname(c)
-        if profile_problem(cfg, d) is None:
-            found.append((os.path.getmtime(os.path.join(d, "results.json")), d))
-    if not found:
+    found = rundir.newest_profile_run("runs", cfg.algo, cfg.model, cfg.preset)
+    if found is None:
         preset = f" --preset {cfg.preset}" if cfg.preset else ""
         raise SystemExit(f"error: --strategy {cfg.strategy} needs the gradient profile of a finished uniform run; "
                          f"none found under runs/. Run `python train.py{preset} --strategy uniform` first, "
                          f"or pass --profile RUN_DIR")
-    return max(found)[1]
+    return found
 
 
 def choose_profile(cfg: TrainConfig) -> str:
@@ -332,7 +120,7 @@ def choose_profile(cfg: TrainConfig) -> str:
     if cfg.profile is None:
         cfg.profile = latest_uniform_run(cfg)
         return f"profile from {cfg.profile} (the newest finished uniform {cfg.algo} run of this model and preset)"
-    problem = profile_problem(cfg, cfg.profile)
+    problem = rundir.profile_problem(cfg.profile, cfg.algo, cfg.model, cfg.preset)
     if problem and not cfg.any_profile:
         raise SystemExit(f"error: --profile {cfg.profile}: {problem}; {cfg.strategy} needs the profile of a finished "
                          f"uniform {cfg.algo} run of the same model and preset (--any-profile to use it anyway)")
@@ -410,7 +198,7 @@ class Run:
         self.train_set, self.test_set = load_data(cfg)  # before a download or a model build
         self.model_path = cfg.model
         if cfg.preset == "tiny":
-            self.model_path = os.path.join(run_dir, "tiny-model")
+            self.model_path = os.path.join(run_dir, rundir.TINY_MODEL)
             if parallel.is_main():
                 os.makedirs(run_dir, exist_ok=True)
                 tiny.build_tiny_model(self.model_path)
@@ -482,13 +270,11 @@ class Run:
                  "active": {p: (m.r, m.scale) for p, m in lora.lora_modules(self.model).items()},
                  "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                  "rng": rng_state(self.device)}
-        tmp = os.path.join(self.dir, "checkpoint.pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(self.dir, "checkpoint.pt"))
+        rundir.atomic_write(os.path.join(self.dir, rundir.CHECKPOINT), lambda tmp: torch.save(state, tmp))
         self.profiler.save(self.dir)
 
     def load_checkpoint(self):
-        path = os.path.join(self.dir, "checkpoint.pt")
+        path = os.path.join(self.dir, rundir.CHECKPOINT)
         try:  # data only: a checkpoint someone sent cannot run code here
             state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as e:  # a pickled object, a truncated or garbage file
@@ -509,21 +295,21 @@ class Run:
         self.step = state["step"]
         # Every file must reach the checkpoint's step; what lies beyond it is recomputed. A file that
         # falls short lost steps, and resuming would hide that: refuse, saying what is missing.
-        metrics = os.path.join(self.dir, "metrics.jsonl")
-        lines = count_lines(metrics)
+        metrics = os.path.join(self.dir, rundir.METRICS)
+        lines = rundir.count_lines(metrics)
         try:
             self.profiler.load(self.dir)
         except Exception as e:
-            raise SystemExit(f"error: {self.dir}/profile.safetensors cannot be read ({one_line(e)}); the run cannot "
+            raise SystemExit(f"error: {self.dir}/{rundir.PROFILE} cannot be read ({one_line(e)}); the run cannot "
                              f"be resumed: start it again with another --out")
-        for name, have in (("metrics.jsonl", lines), ("profile.safetensors", len(self.profiler))):
+        for name, have in ((rundir.METRICS, lines), (rundir.PROFILE, len(self.profiler))):
             if have < self.step:
                 raise SystemExit(f"error: {self.dir}/{name} holds {have} of the checkpoint's {self.step} steps: "
                                  f"steps were lost, so the run cannot be resumed honestly; start it again with "
                                  f"another --out")
         self.profiler.truncate(self.step)  # steps after the checkpoint are recomputed
         if parallel.is_main():
-            truncate_jsonl(metrics, self.step)
+            rundir.truncate_jsonl(metrics, self.step)
 
     # -- evaluation
     def evaluate(self, examples, name: str) -> dict:
@@ -534,11 +320,11 @@ class Run:
             local = gsm8k.evaluate(self.model, self.tok, mine, cfg.eval_max_new_tokens, cfg.eval_batch,
                                    compile=self.compile)["records"]
         records = sorted((r for part in parallel.gather(local) for r in part), key=lambda r: r["index"])
-        path = os.path.join(self.dir, f"eval_{name}.jsonl") if parallel.is_main() else None
+        path = os.path.join(self.dir, rundir.eval_records(name)) if parallel.is_main() else None
         res = gsm8k.summarise(records, path)
         res.pop("records")
         if parallel.is_main():
-            atomic_json(os.path.join(self.dir, f"eval_{name}.json"), res)
+            atomic_json(os.path.join(self.dir, rundir.eval_summary(name)), res)
         return res
 
 
@@ -562,25 +348,6 @@ def set_rng_state(rng: dict):
         torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
 
-def count_lines(path: str) -> int:
-    if not os.path.isfile(path):
-        return 0
-    with open(path) as f:
-        return sum(1 for line in f if line.strip())
-
-
-def truncate_jsonl(path: str, n: int):
-    """Keep the first n lines (a resumed run rewrites what came after its checkpoint)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()[:n]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
-
-
 def fmt_time(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -598,7 +365,7 @@ def progress_line(step: int, total: int, m: dict, sec: float, eta: float) -> str
 def train(run: Run, stop_after: int | None):
     """The step loop: sample, score, learn, profile, log; checkpoint periodically and on Ctrl-C."""
     cfg = run.cfg
-    metrics_path = os.path.join(run.dir, "metrics.jsonl")
+    metrics_path = os.path.join(run.dir, rundir.METRICS)
     start_step, t_start = run.step, time.perf_counter()
     # Ctrl-C asks to stop at the next step boundary (a step cut in half would be checkpointed half
     # done); a second Ctrl-C stops at once.
@@ -664,9 +431,9 @@ def finish(run: Run, t_total: float):
     cfg = run.cfg
     tokens = 0
     if run.ranks and parallel.is_main():
-        lora.save_adapter(run.model, os.path.join(run.dir, "adapter"), run.model_path)
+        lora.save_adapter(run.model, os.path.join(run.dir, rundir.ADAPTER), run.model_path)
         run.profiler.save(run.dir)
-        with open(os.path.join(run.dir, "metrics.jsonl")) as f:
+        with open(os.path.join(run.dir, rundir.METRICS)) as f:
             tokens = sum(json.loads(line)["tokens"] for line in f)
     problems = gsm8k.subset(run.test_set, cfg.eval_n)
     log(f"final evaluation on {len(problems)} test problems ...")
@@ -682,7 +449,7 @@ def finish(run: Run, t_total: float):
     if cfg.strategy == "dynamic":
         results["final_layer_ranks"] = dynamic.layer_ranks(run.model)
     if parallel.is_main():
-        atomic_json(os.path.join(run.dir, "results.json"), results)
+        atomic_json(os.path.join(run.dir, rundir.RESULTS), results)
     log(f"accuracy {res['accuracy']:.3f} (95% CI {res['ci95'][0]:.3f}-{res['ci95'][1]:.3f}), "
         f"format {res['format_rate']:.2f}; results in {run.dir}")
 
@@ -697,15 +464,6 @@ def known_layers(cfg: TrainConfig) -> int | None:
         return None  # Run reports it, with the model's other errors
 
 
-def check_out(run_dir: str):
-    """--out must be a folder we can create, or an existing folder: not a file, nor under one."""
-    path = os.path.abspath(run_dir)
-    while path and not os.path.exists(path):
-        path = os.path.dirname(path)
-    if path and not os.path.isdir(path):
-        raise SystemExit(f"error: --out {run_dir}: {path} is a file, not a folder")
-
-
 def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None):
     """One run from its config: set up (or resume), train, evaluate. A setup that fails before the run's
     config.json is written leaves no folder behind."""
@@ -713,8 +471,11 @@ def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None
     parallel.init(cfg.device)  # under torchrun: join the group before anyone writes
     notes = []
     if not resume:
-        check_out(run_dir)
-        if os.path.isfile(os.path.join(run_dir, "config.json")):
+        try:
+            rundir.check_out(run_dir)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        if os.path.isfile(os.path.join(run_dir, rundir.CONFIG)):
             raise SystemExit(f"error: {run_dir} already holds a run; use --resume {run_dir} or another --out")
         if cfg.rank_pattern:  # cheap checks before loading a model
             read_rank_pattern(cfg.rank_pattern)
@@ -732,8 +493,8 @@ def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None
         run = Run(cfg, run_dir)
         if not resume and parallel.is_main():
             os.makedirs(run_dir, exist_ok=True)
-            atomic_json(os.path.join(run_dir, "ranks.json"), {"ranks": run.ranks, **run.rank_info})
-            atomic_json(os.path.join(run_dir, "config.json"),  # last: its presence makes the folder a run
+            atomic_json(os.path.join(run_dir, rundir.RANKS), {"ranks": run.ranks, **run.rank_info})
+            atomic_json(os.path.join(run_dir, rundir.CONFIG),  # last: its presence makes the folder a run
                         {**dataclasses.asdict(cfg), "model_path": run.model_path, "torch": torch.__version__,
                          "device": str(run.device)})
     except BaseException:
@@ -755,14 +516,14 @@ def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None
 
 def resume_state(run: Run):
     """Continue from the checkpoint; without one, start again at step 0 and discard what was logged."""
-    if os.path.isfile(os.path.join(run.dir, "checkpoint.pt")):
+    if os.path.isfile(os.path.join(run.dir, rundir.CHECKPOINT)):
         run.load_checkpoint()
         log(f"resumed at step {run.step}")
         return
-    lines = count_lines(os.path.join(run.dir, "metrics.jsonl"))
+    lines = rundir.count_lines(os.path.join(run.dir, rundir.METRICS))
     if parallel.is_main():
-        truncate_jsonl(os.path.join(run.dir, "metrics.jsonl"), 0)
-        for name in ("profile.safetensors", "profile_summary.json"):
+        rundir.truncate_jsonl(os.path.join(run.dir, rundir.METRICS), 0)
+        for name in (rundir.PROFILE, rundir.PROFILE_SUMMARY):
             if os.path.isfile(os.path.join(run.dir, name)):
                 os.remove(os.path.join(run.dir, name))
     log(f"no checkpoint in {run.dir}: starting again at step 0" +
@@ -771,9 +532,9 @@ def resume_state(run: Run):
 
 def resume_config(run_dir: str, given: dict) -> TrainConfig | None:
     """The saved config with the flags that may change on resume applied; None when the run is finished."""
-    path = os.path.join(run_dir, "config.json")
+    path = os.path.join(run_dir, rundir.CONFIG)
     if not os.path.isfile(path):
-        raise SystemExit(f"error: --resume {run_dir}: no config.json (not a run folder)")
+        raise SystemExit(f"error: --resume {run_dir}: no {rundir.CONFIG} (not a run folder)")
     saved = TrainConfig(**read_config(path))
     fixed = sorted(set(given) - set(RESUMABLE))
     if fixed:
@@ -782,7 +543,7 @@ def resume_config(run_dir: str, given: dict) -> TrainConfig | None:
                          f"{', '.join(flag(k) for k in RESUMABLE)} may be given")
     cfg = dataclasses.replace(saved, **{k: v for k, v in given.items() if k != "stop_after"})
     check(cfg)
-    results = os.path.join(run_dir, "results.json")
+    results = os.path.join(run_dir, rundir.RESULTS)
     if os.path.isfile(results):
         done = read_json(results).get("steps", cfg.steps)
         if cfg.steps <= done:

@@ -11,6 +11,7 @@ import torch
 import lora as L
 import model as M
 import profiler as P
+import rundir
 from conftest import ROOT
 
 
@@ -61,7 +62,7 @@ def test_norms_equal_norms_of_grad_and_accumulate_over_micro_batches(tmp_path):
     assert loaded.grad_norms.shape == (3, 3, 7, 2)
     np.testing.assert_array_equal(loaded.grad_norms, np.stack(prof.grad_norms))
     assert loaded.ranks[0, 1, 0] == 5 and loaded.ranks[0, 2, prof.kinds.index("up_proj")] == 0
-    assert os.path.isfile(tmp_path / P.SUMMARY_FILE)
+    assert os.path.isfile(tmp_path / rundir.PROFILE_SUMMARY)
     again = P.GradientProfiler(m)  # resume appends to the saved history
     again.load(str(tmp_path))
     again.record()
@@ -175,7 +176,7 @@ def test_report_cli(tmp_path, capsys):
         d.mkdir()
         from safetensors.numpy import save_file
         save_file({"grad_norms": prof.grad_norms, "ranks": prof.ranks, "scales": prof.scales},
-                  str(d / P.PROFILE_FILE), metadata={"modules": '["q_proj","k_proj","v_proj","o_proj",'
+                  str(d / rundir.PROFILE), metadata={"modules": '["q_proj","k_proj","v_proj","o_proj",'
                                                      '"gate_proj","up_proj","down_proj"]', "layers": "8"})
     P.main([str(tmp_path / "u"), str(tmp_path / "r")])
     out = capsys.readouterr().out
@@ -187,7 +188,7 @@ def test_report_cli(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"--plot .*f\.png: folder .*nowhere does not exist"):
         P.main([str(tmp_path / "u"), "--plot", str(tmp_path / "nowhere" / "f.png")])
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / P.PROFILE_FILE).write_bytes(b"garbage")
+    (tmp_path / "bad" / rundir.PROFILE).write_bytes(b"garbage")
     with pytest.raises(SystemExit, match="profile.safetensors: not a gradient profile"):
         P.main([str(tmp_path / "bad")])
 
@@ -201,7 +202,7 @@ def test_plot_writes_a_png_with_a_rank_history_for_dynamic_runs(tmp_path):
     for name, prof in (("s", static), ("d", moving)):
         (tmp_path / name).mkdir()
         save_file({"grad_norms": prof.grad_norms, "ranks": prof.ranks, "scales": prof.scales},
-                  str(tmp_path / name / P.PROFILE_FILE), metadata={"modules": '["q_proj","k_proj","v_proj",'
+                  str(tmp_path / name / rundir.PROFILE), metadata={"modules": '["q_proj","k_proj","v_proj",'
                   '"o_proj","gate_proj","up_proj","down_proj"]', "layers": "6"})
     assert P.plot([str(tmp_path / "s"), str(tmp_path / "d")], str(tmp_path / "f.png"))
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,201 @@
+"""The run's settings: one dataclass with every flag, its default and why, the presets, the command
+line built from it, and the checks that turn a bad setting into a one-line error before anything is
+built or written. train.py runs what this file describes.
+
+Defaults are the study's where it states them (Qwen2.5-1.5B-Instruct, 1000 steps of 4 prompts x 4
+completions, LoRA r=32 on all 7 projections); every other value is a flag whose help says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import grpo
+import lora
+import rundir
+
+STRATEGIES = ("base", "uniform", "proportional", "random", "reduced", "dynamic")
+TINY_MODEL = "tiny"  # --preset tiny's model: built by tiny.py into the run folder
+# flags that may change when a run is resumed: how long and how it runs, never what it trains
+RESUMABLE = ("steps", "stop_after", "checkpoint_every", "threads", "eval_batch", "compile", "device")
+ALGOS = ("grpo", "sft")
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to run
+    strategy: str = opt("uniform", f"rank allocation: {'|'.join(STRATEGIES)}")
+    algo: str = opt("grpo", "grpo (the study) | sft (the same LoRA on the reference solutions, for comparison)")
+    model: str = opt("Qwen/Qwen2.5-1.5B-Instruct", "Hub repo id or local folder of a Qwen2 checkpoint")
+    data: str | None = opt(None, "folder with GSM8K {train,test}.jsonl (default: download the original release); "
+                                 "checked against the release's sha256")
+    data_unverified: bool = opt(False, "accept --data files that differ from the GSM8K release (your own data)")
+    preset: str | None = opt(None, "'tiny': random tiny model, synthetic problems, a few steps, offline on a CPU")
+    out: str | None = opt(None, "run folder (default runs/<strategy>-<timestamp>)")
+    seed: int = opt(0, "seed of everything: data order, sampling, LoRA init, random allocation")
+    seeds: str | None = opt(None, "comma-separated seeds: one run per seed, in <out>/seed<N>")
+    # --- LoRA and the rank budget
+    rank: int = opt(32, "uniform rank r0; the budget is layers x r0 unless --budget is given")
+    budget: int | None = opt(None, "total of per-layer ranks (default layers x rank = 896 on Qwen2.5-1.5B)")
+    alpha: float = opt(64.0, "LoRA alpha (2 x r0, the common choice; the study does not state it)")
+    scale_policy: str = opt("fixed", "fixed (alpha/r, PEFT's default) | constant (alpha/r0) | rslora (alpha/sqrt r)")
+    dropout: float = opt(0.0, "LoRA dropout (0: GRPO's log-prob ratios should not see dropout noise)")
+    r_min: int | None = opt(None, "lower rank bound (default by strategy: 20/16/12 at r0=32)")
+    r_max: int | None = opt(None, "upper rank bound (default by strategy: 40/48/32 at r0=32)")
+    fraction: float = opt(0.7, "budget fraction of the reduced strategy")
+    profile: str | None = opt(None, "finished uniform run (same algo, model, preset) whose profile drives "
+                                    "proportional/reduced (default: the newest under runs/)")
+    any_profile: bool = opt(False, "accept a --profile run that is not a finished uniform run of this algo/model/preset")
+    normalised_profile: bool = opt(False, "allocate from rank-normalised instead of raw gradient shares")
+    rank_pattern: str | None = opt(None, "JSON file {module path: rank} (e.g. from allocate.py), replaces the strategy")
+    # --- dynamic allocation (see dynamic.py)
+    dynamic_every: int = opt(50, "dynamic: steps between rank moves")
+    dynamic_t_init: int = opt(100, "dynamic: no move before this step")
+    dynamic_t_final: int = opt(800, "dynamic: no move after this step")
+    dynamic_window: int = opt(50, "dynamic: profiled steps that estimate importance")
+    dynamic_normalised: bool = opt(True, "dynamic: rank-normalised importance (--no-dynamic-normalised: raw)")
+    # --- GRPO (unstated in the study: common GRPO-on-GSM8K values, each a flag)
+    steps: int = opt(1000, "optimisation steps (the study: 1000)")
+    prompts_per_step: int = opt(4, "prompts per step (the study: 4)")
+    num_generations: int = opt(4, "completions per prompt, K (the study: 4)")
+    max_new_tokens: int = opt(512, "completion length cap: GSM8K reasoning fits in 512 for Qwen2.5-1.5B")
+    temperature: float = opt(1.0, "sampling temperature T; the learner's log-probs use the same softmax(logits/T)")
+    top_p: float = opt(1.0, "nucleus sampling (1.0: off); the learner does not correct for the truncation, as in TRL")
+    is_cap: float = opt(3.0, "cap of the per-token importance weight pi_old/pi_sampler for the sampler-learner "
+                             "mismatch (bf16 merged sampling; TRL's C_max); 0: off")
+    lr: float = opt(1e-5, "peak learning rate (LoRA GRPO recipes use 5e-6 to 2e-5)")
+    warmup_steps: int = opt(50, "linear warm-up steps")
+    lr_schedule: str = opt("cosine", "constant | cosine (to 10% of the peak)")
+    weight_decay: float = opt(0.1, "AdamW weight decay on the adapters")
+    beta: float = opt(0.04, "KL weight (DeepSeekMath's 0.04)")
+    eps_low: float = opt(0.2, "lower clip range")
+    eps_high: float = opt(0.2, "upper clip range (DAPO raises it to 0.28)")
+    loss_type: str = opt("grpo", "grpo | dapo | dr_grpo (see grpo.py)")
+    scale_rewards: bool = opt(True, "divide advantages by the group std (off: Dr. GRPO)")
+    num_iterations: int = opt(1, "optimiser passes per sampled batch")
+    mask_truncated: bool = opt(False, "exclude completions that hit max_new_tokens from the loss")
+    micro_batch: int = opt(4, "sequences per forward/backward (lower it on out-of-memory)")
+    grad_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% slower)")
+    compile: str = opt("auto", "torch.compile the decode step: auto (on with CUDA, as a CUDA graph) | on | off")
+    max_grad_norm: float = opt(1.0, "gradient-norm clip (0: off)")
+    reward_correct: float = opt(1.0, "weight of the correctness reward")
+    reward_format: float = opt(0.5, "weight of the format reward")
+    format_strict: bool = opt(False, "strict format reward instead of partial credit (0.25 per tag)")
+    # --- evaluation and bookkeeping
+    eval_n: int | None = opt(None, "test problems for the final evaluation (default all 1,319); a subset is drawn "
+                                   "with gsm8k.EVAL_SEED, the same for every training seed")
+    eval_every: int = opt(0, "evaluate every N steps on --eval-every-n problems (0: final only)")
+    eval_every_n: int = opt(200, "problems in each periodic evaluation")
+    eval_max_new_tokens: int = opt(512, "completion cap in evaluation")
+    eval_batch: int = opt(64, "evaluation batch size")
+    checkpoint_every: int = opt(50, "steps between checkpoints")
+    stop_after: int | None = opt(None, "stop (with a checkpoint) after this many steps of this invocation")
+    device: str | None = opt(None, "cuda | cpu (default: cuda when present)")
+    threads: int | None = opt(None, "CPU threads (default: 1 for --preset tiny, whose small operations only lose "
+                                    "time to more threads on a busy machine; otherwise OMP_NUM_THREADS when set, "
+                                    "else PyTorch's default)")
+
+
+PRESETS = {
+    "tiny": dict(model=TINY_MODEL, steps=12, prompts_per_step=4, num_generations=4, max_new_tokens=32, rank=8, alpha=16.0, lr=2e-3,
+                 warmup_steps=1, eval_n=32, eval_every=6, eval_every_n=8, eval_max_new_tokens=32, eval_batch=32,
+                 checkpoint_every=4, device="cpu", dynamic_every=3, dynamic_t_init=3, dynamic_t_final=9,
+                 dynamic_window=3),
+}
+
+
+# ------------------------------------------------------------------------------------------ set-up
+
+def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help strings
+        if f.default is not None and f.type != "bool":
+            text += f" [default: {f.default}]"
+        elif f.type == "bool":
+            text += f" [default: {'on' if f.default else 'off'}]"
+        if f.type == "bool":
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
+            ap.add_argument(flag, type=kind, default=None, help=text)
+    ap.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    ap.add_argument("--config", metavar="FILE", help="start from a run's saved config.json (flags override it)")
+    args = ap.parse_args(argv)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name) is not None}
+    args.given = given
+    base = read_config(args.config) if args.config else {}
+    preset = given.get("preset", base.get("preset"))
+    if preset is not None and preset not in PRESETS:
+        raise SystemExit(f"error: --preset {preset!r} unknown; allowed: {sorted(PRESETS)}")
+    for name in ("model", "data"):
+        if preset == "tiny" and name in given:
+            raise SystemExit(f"error: --{name} with --preset tiny: the tiny preset builds its own model and "
+                             f"synthetic problems; drop --preset tiny to use --{name} {given[name]}")
+    cfg = TrainConfig(**{**(PRESETS.get(preset) or {}), **base, **given})
+    check(cfg)
+    return cfg, args
+
+
+def read_config(path: str) -> dict:
+    """The TrainConfig fields of a saved config.json (a run's, to repeat or resume it)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path}: no such config file")
+    try:
+        saved = rundir.read_json(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    if not isinstance(saved, dict):
+        raise SystemExit(f"error: {path}: not a run's config (expected a JSON object)")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in saved.items() if k in names and k not in ("out", "stop_after")}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check(cfg: TrainConfig):
+    """One-line errors for settings that cannot work, before anything is built or written."""
+    at_least = {"steps": 1, "prompts_per_step": 1, "micro_batch": 1, "checkpoint_every": 1, "rank": 1,
+                "max_new_tokens": 1, "eval_every": 0, "eval_every_n": 1, "eval_max_new_tokens": 1, "eval_batch": 1,
+                "warmup_steps": 0, "dynamic_every": 1, "dynamic_window": 1, "dynamic_t_init": 0,
+                "eval_n": 1, "budget": 1, "stop_after": 1, "threads": 1, "r_min": 0, "r_max": 1}
+    for name, low in at_least.items():
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise SystemExit(f"error: {flag(name)} {value}: must be >= {low}")
+    if cfg.algo == "grpo" and cfg.num_generations < 2:
+        raise SystemExit(f"error: --num-generations {cfg.num_generations}: GRPO compares completions of the same "
+                         f"prompt, so it needs at least 2 (the study: 4)")
+    if not 0 < cfg.fraction <= 1:
+        raise SystemExit(f"error: --fraction {cfg.fraction}: must be in (0, 1]")
+    if not cfg.lr > 0:
+        raise SystemExit(f"error: --lr {cfg.lr}: must be > 0")
+    if cfg.algo not in ALGOS:
+        raise SystemExit(f"error: --algo {cfg.algo!r} unknown; allowed: {', '.join(ALGOS)}")
+    if cfg.algo == "sft" and cfg.strategy == "base":
+        raise SystemExit("error: --algo sft needs adapters to train; --strategy base only evaluates")
+    if cfg.strategy not in STRATEGIES:
+        raise SystemExit(f"error: --strategy {cfg.strategy!r} unknown; allowed: {', '.join(STRATEGIES)}")
+    if cfg.scale_policy not in lora.SCALE_POLICIES:
+        raise SystemExit(f"error: --scale-policy {cfg.scale_policy!r} unknown; allowed: {lora.SCALE_POLICIES}")
+    if cfg.loss_type not in grpo.LOSS_TYPES:
+        raise SystemExit(f"error: --loss-type {cfg.loss_type!r} unknown; allowed: {grpo.LOSS_TYPES}")
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise SystemExit(f"error: --lr-schedule {cfg.lr_schedule!r} unknown; allowed: constant, cosine")
+    if cfg.compile not in ("auto", "on", "off"):
+        raise SystemExit(f"error: --compile {cfg.compile!r} unknown; allowed: auto, on, off")
+    if not cfg.temperature > 0:
+        raise SystemExit(f"error: --temperature {cfg.temperature}: GRPO samples, so it must be > 0")
+    if cfg.is_cap < 0:
+        raise SystemExit(f"error: --is-cap {cfg.is_cap}: must be >= 0 (0 turns the correction off)")
