@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -199,3 +200,51 @@ def check(cfg: TrainConfig):
         raise SystemExit(f"error: --temperature {cfg.temperature}: GRPO samples, so it must be > 0")
     if cfg.is_cap < 0:
         raise SystemExit(f"error: --is-cap {cfg.is_cap}: must be >= 0 (0 turns the correction off)")
+
+
+def read_json(path: str):
+    """rundir.read_json, with a corrupt file as a one-line error."""
+    try:
+        return rundir.read_json(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+def read_rank_pattern(path: str) -> dict:
+    try:
+        with open(path) as f:
+            pattern = json.load(f)
+    except OSError as e:
+        raise SystemExit(f"error: --rank-pattern {path}: {e.strerror}")
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: --rank-pattern {path}:{e.lineno}: not valid JSON ({e.msg})")
+    if not isinstance(pattern, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                                for k, v in pattern.items()):
+        raise SystemExit(f"error: --rank-pattern {path}: expected a JSON object {{module path: integer rank}}")
+    return pattern
+
+
+def resume_config(run_dir: str, given: dict, is_main: bool = True) -> TrainConfig | None:
+    """The saved config with the flags that may change on resume applied (and saved, by the main process);
+    None when the run is finished."""
+    path = os.path.join(run_dir, rundir.CONFIG)
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --resume {run_dir}: no {rundir.CONFIG} (not a run folder)")
+    saved = TrainConfig(**read_config(path))
+    fixed = sorted(set(given) - set(RESUMABLE))
+    if fixed:
+        shown = ", ".join(f"{flag(k)} (the run has {getattr(saved, k)!r})" for k in fixed)
+        raise SystemExit(f"error: {shown} cannot change when resuming; with --resume only "
+                         f"{', '.join(flag(k) for k in RESUMABLE)} may be given")
+    cfg = dataclasses.replace(saved, **{k: v for k, v in given.items() if k != "stop_after"})
+    check(cfg)
+    results = os.path.join(run_dir, rundir.RESULTS)
+    if os.path.isfile(results):
+        done = read_json(results).get("steps", cfg.steps)
+        if cfg.steps <= done:
+            print(f"{run_dir} is finished ({done} of {cfg.steps} steps; results.json): nothing to resume. "
+                  f"--steps N > {done} trains it further")
+            return None
+    if cfg != saved and is_main:  # e.g. more steps: the saved config says what the run became
+        rundir.atomic_json(path, {**read_json(path), **{k: getattr(cfg, k) for k in given if k != "stop_after"}})
+    return cfg

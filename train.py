@@ -39,10 +39,10 @@ import gsm8k
 import lora
 import model as qwen
 import parallel
+import rundir
 import sft
 import tiny
-import rundir
-from config import ALGOS, RESUMABLE, TrainConfig, check, flag, parse_args, read_config
+from config import TrainConfig, parse_args, read_rank_pattern, resume_config
 from profiler import GradientProfiler
 from rundir import atomic_json
 
@@ -91,14 +91,6 @@ def load_data(cfg: TrainConfig):
         raise SystemExit(f"error: {one_line(e)}{hint}")
 
 
-def read_json(path: str):
-    """rundir.read_json, with a corrupt file as a one-line error."""
-    try:
-        return rundir.read_json(path)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-
-
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (library messages often span several)."""
     return " ".join(str(e).split()) or type(e).__name__
@@ -125,20 +117,6 @@ def choose_profile(cfg: TrainConfig) -> str:
         raise SystemExit(f"error: --profile {cfg.profile}: {problem}; {cfg.strategy} needs the profile of a finished "
                          f"uniform {cfg.algo} run of the same model and preset (--any-profile to use it anyway)")
     return f"profile from {cfg.profile}" + (f" (accepted by --any-profile: {problem})" if problem else "")
-
-
-def read_rank_pattern(path: str) -> dict:
-    try:
-        with open(path) as f:
-            pattern = json.load(f)
-    except OSError as e:
-        raise SystemExit(f"error: --rank-pattern {path}: {e.strerror}")
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: --rank-pattern {path}:{e.lineno}: not valid JSON ({e.msg})")
-    if not isinstance(pattern, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-                                                for k, v in pattern.items()):
-        raise SystemExit(f"error: --rank-pattern {path}: expected a JSON object {{module path: integer rank}}")
-    return pattern
 
 
 def resolve_ranks(cfg: TrainConfig, num_layers: int) -> tuple[dict | None, dict]:
@@ -530,35 +508,10 @@ def resume_state(run: Run):
         (f" (the {lines} steps logged before are discarded)" if lines else ""))
 
 
-def resume_config(run_dir: str, given: dict) -> TrainConfig | None:
-    """The saved config with the flags that may change on resume applied; None when the run is finished."""
-    path = os.path.join(run_dir, rundir.CONFIG)
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --resume {run_dir}: no {rundir.CONFIG} (not a run folder)")
-    saved = TrainConfig(**read_config(path))
-    fixed = sorted(set(given) - set(RESUMABLE))
-    if fixed:
-        shown = ", ".join(f"{flag(k)} (the run has {getattr(saved, k)!r})" for k in fixed)
-        raise SystemExit(f"error: {shown} cannot change when resuming; with --resume only "
-                         f"{', '.join(flag(k) for k in RESUMABLE)} may be given")
-    cfg = dataclasses.replace(saved, **{k: v for k, v in given.items() if k != "stop_after"})
-    check(cfg)
-    results = os.path.join(run_dir, rundir.RESULTS)
-    if os.path.isfile(results):
-        done = read_json(results).get("steps", cfg.steps)
-        if cfg.steps <= done:
-            print(f"{run_dir} is finished ({done} of {cfg.steps} steps; results.json): nothing to resume. "
-                  f"--steps N > {done} trains it further")
-            return None
-    if cfg != saved and parallel.is_main():  # e.g. more steps: the saved config says what the run became
-        atomic_json(path, {**read_json(path), **{k: getattr(cfg, k) for k in given if k != "stop_after"}})
-    return cfg
-
-
 def main(argv=None):
     cfg, args = parse_args(argv)
     if args.resume:
-        resumed = resume_config(args.resume, args.given)
+        resumed = resume_config(args.resume, args.given, parallel.is_main())
         if resumed is not None:
             run_one(resumed, args.resume, True, args.given.get("stop_after"))
         return

@@ -393,7 +393,7 @@ def test_loss_kl_and_clip_fraction_match_trls_compute_loss(loss_type):
     importance weights: the same loss, gradient, KL and clip fraction."""
     from types import SimpleNamespace
     from collections import defaultdict
-    trl = pytest.importorskip("trl")
+    pytest.importorskip("trl")
     from trl.trainer.grpo_trainer import GRPOTrainer
     logp, old, ref, adv, mask = random_case(7, N=6, T=9)
     mask[0, 0] = True  # TRL divides by each completion's token count: no empty completion here
