@@ -151,10 +151,7 @@ def read_config(path: str) -> dict:
     """The TrainConfig fields of a saved config.json (a run's, to repeat or resume it)."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path}: no such config file")
-    try:
-        saved = rundir.read_json(path)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    saved = read_json(path)
     if not isinstance(saved, dict):
         raise SystemExit(f"error: {path}: not a run's config (expected a JSON object)")
     names = {f.name for f in dataclasses.fields(TrainConfig)}

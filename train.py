@@ -96,21 +96,15 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def latest_uniform_run(cfg: TrainConfig) -> str:
-    """The newest finished uniform run for the same algorithm, model and preset under runs/."""
-    found = rundir.newest_profile_run("runs", cfg.algo, cfg.model, cfg.preset)
-    if found is None:
-        preset = f" --preset {cfg.preset}" if cfg.preset else ""
-        raise SystemExit(f"error: --strategy {cfg.strategy} needs the gradient profile of a finished uniform run; "
-                         f"none found under runs/. Run `python train.py{preset} --strategy uniform` first, "
-                         f"or pass --profile RUN_DIR")
-    return found
-
-
 def choose_profile(cfg: TrainConfig) -> str:
     """The profile source of proportional/reduced: --profile (checked), else the newest fitting run; said aloud."""
     if cfg.profile is None:
-        cfg.profile = latest_uniform_run(cfg)
+        cfg.profile = rundir.newest_profile_run("runs", cfg.algo, cfg.model, cfg.preset)
+        if cfg.profile is None:
+            preset = f" --preset {cfg.preset}" if cfg.preset else ""
+            raise SystemExit(f"error: --strategy {cfg.strategy} needs the gradient profile of a finished uniform run; "
+                             f"none found under runs/. Run `python train.py{preset} --strategy uniform` first, "
+                             f"or pass --profile RUN_DIR")
         return f"profile from {cfg.profile} (the newest finished uniform {cfg.algo} run of this model and preset)"
     problem = rundir.profile_problem(cfg.profile, cfg.algo, cfg.model, cfg.preset)
     if problem and not cfg.any_profile:
