@@ -50,7 +50,6 @@ def reallocate(model, profiler, optimizer, budget: int, r_min: int, r_max: int, 
     importance = layer_norms(profiler.profile(), cfg.normalised)[-cfg.window:].mean(0)
     ranks = allocate.proportional(importance, budget, r_min, r_max)
     apply_layer_ranks(model, ranks, optimizer)
-    profiler.refresh()
     return ranks
 
 

@@ -69,6 +69,17 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    def get_extra_state(self) -> dict:
+        """The active rank and scale travel with the weights (state_dict, checkpoints): a dynamic run's
+        moved ranks come back with load_state_dict, nothing to restore by hand."""
+        return {"r": self.r, "scale": self.scale}
+
+    def set_extra_state(self, state: dict):
+        r = int(state["r"])
+        if not 1 <= r <= self.capacity:
+            raise ValueError(f"saved rank {r} outside [1, capacity {self.capacity}]")
+        self.r, self.scale = r, float(state["scale"])
+
     @property
     def capacity(self) -> int:
         return self.lora_A.weight.shape[0]
@@ -252,6 +263,11 @@ def layer_of(path: str) -> int:
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_state(model: nn.Module) -> dict:
+    """The trainable part of the model's state_dict: every A, B and each adapter's (r, scale)."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k or k.endswith("._extra_state")}
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -67,22 +67,12 @@ class GradientProfiler:
         self.grad_norms: list[np.ndarray] = []  # one [L, M, 2] row per recorded step
         self.ranks: list[np.ndarray] = []
         self.scales: list[np.ndarray] = []
-        self.refresh()
-
-    def refresh(self):
-        """Re-read the adapters (after apply_lora, or after a dynamic rank move)."""
+        # the adapters and their [layer, module] slots; a rank move changes r and scale, never the modules
         self.modules, slots = [], []
-        M = len(self.kinds)
-        for path, m in lora_modules(self.model).items():
-            layer, kind = layer_of(path), path.rsplit(".", 1)[-1]
+        for path, m in lora_modules(model).items():
             self.modules.append(m)
-            slots.append(layer * M + self.kinds.index(kind))
-        self.slots = torch.tensor(slots, dtype=torch.long)
-        L = self.num_layers
-        self.rank_now = np.zeros((L, M), np.int32)
-        self.scale_now = np.zeros((L, M), np.float32)
-        for m, slot in zip(self.modules, slots):
-            self.rank_now.flat[slot], self.scale_now.flat[slot] = m.r, m.scale
+            slots.append(layer_of(path) * len(self.kinds) + self.kinds.index(path.rsplit(".", 1)[-1]))
+        self.slots = np.array(slots, dtype=np.int64)
 
     @torch.no_grad()
     def record(self):
@@ -92,11 +82,15 @@ class GradientProfiler:
             for p in (m.lora_A.weight, m.lora_B.weight):
                 grads.append(p.grad if p.grad is not None else torch.zeros_like(p))
         norms = torch.stack(torch._foreach_norm(grads)).float().view(-1, 2).cpu().numpy()  # one host copy
-        row = np.full((self.num_layers * len(self.kinds), 2), np.nan, np.float32)
-        row[self.slots.numpy()] = norms
-        self.grad_norms.append(row.reshape(self.num_layers, len(self.kinds), 2))
-        self.ranks.append(self.rank_now.copy())
-        self.scales.append(self.scale_now.copy())
+        shape = (self.num_layers, len(self.kinds))
+        row = np.full((shape[0] * shape[1], 2), np.nan, np.float32)
+        row[self.slots] = norms
+        ranks, scales = np.zeros(shape[0] * shape[1], np.int32), np.zeros(shape[0] * shape[1], np.float32)
+        ranks[self.slots] = [m.r for m in self.modules]  # the ranks and scales in force at this step
+        scales[self.slots] = [m.scale for m in self.modules]
+        self.grad_norms.append(row.reshape(*shape, 2))
+        self.ranks.append(ranks.reshape(shape))
+        self.scales.append(scales.reshape(shape))
 
     def __len__(self):
         return len(self.grad_norms)

@@ -238,9 +238,7 @@ class Run:
     def save_checkpoint(self):
         if not parallel.is_main():
             return
-        state = {"step": self.step, "lora": {k: v for k, v in self.model.state_dict().items() if "lora_" in k},
-                 "active": {p: (m.r, m.scale) for p, m in lora.lora_modules(self.model).items()},
-                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+        state = {"step": self.step, "lora": lora.adapter_state(self.model), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                  "rng": rng_state(self.device)}
         rundir.atomic_write(os.path.join(self.dir, rundir.CHECKPOINT), lambda tmp: torch.save(state, tmp))
         self.profiler.save(self.dir)
@@ -253,14 +251,13 @@ class Run:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SystemExit(f"error: {path}: not a checkpoint this program can load ({reason}); "
                              f"checkpoints are read as tensors and plain values only")
-        if not isinstance(state, dict) or set(state) != {"step", "lora", "active", "optimizer", "scheduler", "rng"}:
+        if not isinstance(state, dict) or set(state) != {"step", "lora", "optimizer", "scheduler", "rng"}:
             raise SystemExit(f"error: {path}: not a checkpoint this program wrote (unexpected contents)")
-        for p, m in lora.lora_modules(self.model).items():  # dynamic runs: the ranks in force then
-            m.r, m.scale = state["active"][p]
-        self.profiler.refresh()
+        # A, B and each adapter's (r, scale), so a dynamic run's moved ranks come back with them
         missing = self.model.load_state_dict(state["lora"], strict=False)
-        if missing.unexpected_keys:
-            raise SystemExit(f"error: checkpoint does not fit the model: {missing.unexpected_keys[:3]}")
+        if missing.unexpected_keys or set(lora.adapter_state(self.model)) - set(state["lora"]):
+            raise SystemExit(f"error: {path}: does not fit the model (unexpected {missing.unexpected_keys[:3]}, "
+                             f"missing {sorted(set(lora.adapter_state(self.model)) - set(state['lora']))[:3]})")
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])

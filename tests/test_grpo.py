@@ -192,7 +192,7 @@ def test_step_reports_metrics_and_only_lora_changes():
     m = M.Qwen2(cfg)
     m.init_weights(generator=torch.Generator().manual_seed(0))
     L.apply_lora(m, r=2)
-    frozen = {k: v.clone() for k, v in m.state_dict().items() if "lora_" not in k}
+    frozen = {k: v.clone() for k, v in m.state_dict().items() if k not in L.adapter_state(m)}
     opt = R.make_optimizer(m, 1e-2)
     sched = R.make_scheduler(opt, warmup_steps=2, total_steps=4)
     gcfg = R.GRPOConfig(num_generations=4, max_new_tokens=6, beta=0.04, micro_batch=3, num_iterations=2)

@@ -259,3 +259,21 @@ def test_set_rank_grows_exactly_and_shrinks_to_the_best_approximation():
     assert m.lora_A.weight.grad[2:].abs().sum() == 0 and m.lora_B.weight.grad[:, 2:].abs().sum() == 0
     with pytest.raises(ValueError, match="capacity"):
         m.set_rank(11, 1.0)
+
+
+def test_rank_and_scale_travel_with_the_state_dict():
+    """A moved adapter's (r, scale) is part of its state: load_state_dict restores it, no side map."""
+    cfg = M.ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    a, b = M.Qwen2(cfg), M.Qwen2(cfg)
+    for m in (a, b):
+        L.apply_lora(m, r=4, alpha=8, capacity=8)
+    mod = L.lora_modules(a)["model.layers.1.mlp.up_proj"]
+    mod.set_rank(7, 8 / 7)
+    state = L.adapter_state(a)
+    assert state["model.layers.1.mlp.up_proj._extra_state"] == {"r": 7, "scale": 8 / 7}
+    b.load_state_dict(state, strict=False)
+    moved = L.lora_modules(b)["model.layers.1.mlp.up_proj"]
+    assert (moved.r, moved.scale) == (7, 8 / 7) and torch.equal(moved.A, mod.A)
+    with pytest.raises(ValueError, match="outside"):
+        moved.set_extra_state({"r": 9, "scale": 1.0})
