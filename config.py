@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -53,7 +52,8 @@ class TrainConfig:
     fraction: float = opt(0.7, "budget fraction of the reduced strategy")
     profile: str | None = opt(None, "finished uniform run (same algo, model, preset) whose profile drives "
                                     "proportional/reduced (default: the newest under runs/)")
-    any_profile: bool = opt(False, "accept a --profile run that is not a finished uniform run of this algo/model/preset")
+    any_profile: bool = opt(False, "accept a --profile run that is not a finished uniform run of this "
+                                   "algo/model/preset")
     normalised_profile: bool = opt(False, "allocate from rank-normalised instead of raw gradient shares")
     rank_pattern: str | None = opt(None, "JSON file {module path: rank} (e.g. from allocate.py), replaces the strategy")
     # --- dynamic allocation (see dynamic.py)
@@ -105,10 +105,10 @@ class TrainConfig:
 
 
 PRESETS = {
-    "tiny": dict(model=TINY_MODEL, steps=12, prompts_per_step=4, num_generations=4, max_new_tokens=32, rank=8, alpha=16.0, lr=2e-3,
-                 warmup_steps=1, eval_n=32, eval_every=6, eval_every_n=8, eval_max_new_tokens=32, eval_batch=32,
-                 checkpoint_every=4, device="cpu", dynamic_every=3, dynamic_t_init=3, dynamic_t_final=9,
-                 dynamic_window=3),
+    "tiny": dict(model=TINY_MODEL, steps=12, prompts_per_step=4, num_generations=4, max_new_tokens=32, rank=8,
+                 alpha=16.0, lr=2e-3, warmup_steps=1, eval_n=32, eval_every=6, eval_every_n=8, eval_max_new_tokens=32,
+                 eval_batch=32, checkpoint_every=4, device="cpu", dynamic_every=3, dynamic_t_init=3,
+                 dynamic_t_final=9, dynamic_window=3),
 }
 
 
@@ -117,17 +117,14 @@ PRESETS = {
 def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
         text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help strings
-        if f.default is not None and f.type != "bool":
-            text += f" [default: {f.default}]"
-        elif f.type == "bool":
-            text += f" [default: {'on' if f.default else 'off'}]"
         if f.type == "bool":
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            text += f" [default: {'on' if f.default else 'off'}]"
+            ap.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
+            text += f" [default: {f.default}]" if f.default is not None else ""
             kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
-            ap.add_argument(flag, type=kind, default=None, help=text)
+            ap.add_argument(flag(f.name), type=kind, default=None, help=text)
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
     ap.add_argument("--config", metavar="FILE", help="start from a run's saved config.json (flags override it)")
     args = ap.parse_args(argv)
@@ -209,12 +206,11 @@ def read_json(path: str):
 
 def read_rank_pattern(path: str) -> dict:
     try:
-        with open(path) as f:
-            pattern = json.load(f)
+        pattern = rundir.read_json(path)
     except OSError as e:
         raise SystemExit(f"error: --rank-pattern {path}: {e.strerror}")
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: --rank-pattern {path}:{e.lineno}: not valid JSON ({e.msg})")
+    except ValueError as e:  # names the file and the line
+        raise SystemExit(f"error: --rank-pattern {e}")
     if not isinstance(pattern, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
                                                 for k, v in pattern.items()):
         raise SystemExit(f"error: --rank-pattern {path}: expected a JSON object {{module path: integer rank}}")

@@ -189,7 +189,8 @@ def rollout(model, tokenizer, prompts: list[list[int]], examples: list, reward_f
     if cfg.mask_truncated:
         mask = mask & ~truncated[:, None]
     return Rollout(ids=torch.cat([pids, out], 1), attn=torch.cat([pmask, cmask], 1), mask=mask,
-                   sampler_logp=sampler_logp, rewards=scores, total=total, advantages=advantages, texts=texts, truncated=truncated, lengths=lengths,
+                   sampler_logp=sampler_logp, rewards=scores, total=total, advantages=advantages, texts=texts,
+                   truncated=truncated, lengths=lengths,
                    times={"sample": t1 - t0, "score": t2 - t1})
 
 

@@ -94,7 +94,8 @@ def full_report(paths: list[str]) -> str:
     """The table, then profiler.py's gradient statistics of the runs that have a profile."""
     run_dirs, notes = finished_runs(paths)
     if not run_dirs:
-        raise SystemExit("error: no finished run among " + ", ".join(paths) + (f" ({'; '.join(notes)})" if notes else ""))
+        skipped = f" ({'; '.join(notes)})" if notes else ""
+        raise SystemExit(f"error: no finished run among {', '.join(paths)}{skipped}")
     text = results_table(run_dirs) + "".join(f"\n({note})" for note in notes)
     profiled = [d for d in run_dirs if os.path.isfile(os.path.join(d, rundir.PROFILE))]
     if profiled:

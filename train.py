@@ -46,6 +46,7 @@ from config import TrainConfig, parse_args, read_rank_pattern, resume_config
 from profiler import GradientProfiler
 from rundir import atomic_json
 
+
 def set_threads(cfg: TrainConfig) -> str:
     """Fix the CPU thread count (saved in the config, since it sets the float summation order) and say why."""
     if cfg.threads is not None:
@@ -238,8 +239,8 @@ class Run:
     def save_checkpoint(self):
         if not parallel.is_main():
             return
-        state = {"step": self.step, "lora": lora.adapter_state(self.model), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                 "rng": rng_state(self.device)}
+        state = {"step": self.step, "lora": lora.adapter_state(self.model), "optimizer": self.opt.state_dict(),
+                 "scheduler": self.sched.state_dict(), "rng": rng_state(self.device)}
         rundir.atomic_write(os.path.join(self.dir, rundir.CHECKPOINT), lambda tmp: torch.save(state, tmp))
         self.profiler.save(self.dir)
 
@@ -254,10 +255,11 @@ class Run:
         if not isinstance(state, dict) or set(state) != {"step", "lora", "optimizer", "scheduler", "rng"}:
             raise SystemExit(f"error: {path}: not a checkpoint this program wrote (unexpected contents)")
         # A, B and each adapter's (r, scale), so a dynamic run's moved ranks come back with them
-        missing = self.model.load_state_dict(state["lora"], strict=False)
-        if missing.unexpected_keys or set(lora.adapter_state(self.model)) - set(state["lora"]):
-            raise SystemExit(f"error: {path}: does not fit the model (unexpected {missing.unexpected_keys[:3]}, "
-                             f"missing {sorted(set(lora.adapter_state(self.model)) - set(state['lora']))[:3]})")
+        unexpected = self.model.load_state_dict(state["lora"], strict=False).unexpected_keys
+        missing = sorted(set(lora.adapter_state(self.model)) - set(state["lora"]))
+        if unexpected or missing:
+            raise SystemExit(f"error: {path}: does not fit the model (unexpected {unexpected[:3]}, "
+                             f"missing {missing[:3]})")
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])

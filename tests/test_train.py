@@ -180,7 +180,8 @@ def test_sft_regime_and_seeds_land_in_the_same_report(tmp_path):
     assert {line.split()[0] for line in stats if line.split()} >= {"sft", "grpo/seed0", "grpo/seed1"}  # by folder
     assert any(line.split()[:3] == ["sft", "sft", "fixed"] for line in stats)  # algo and scale policy named
     # every seed is evaluated on the same problems (the subset does not follow the training seed)
-    idx = [[json.loads(line)["index"] for line in open(tmp_path / f"runs/grpo/seed{s}/eval_final.jsonl")] for s in (0, 1)]
+    idx = [[json.loads(line)["index"] for line in open(tmp_path / f"runs/grpo/seed{s}/eval_final.jsonl")]
+           for s in (0, 1)]
     assert idx[0] == idx[1] and len(idx[0]) == 32
     p = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), "--compare", *dirs[1:]], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
@@ -397,7 +398,8 @@ def test_ctrl_c_twice_stops_at_once_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(grpo, "grpo_step", step_with_two_interrupts)
     with pytest.raises(SystemExit) as e:
         train.main(["--preset", "tiny", "--steps", "5", "--eval-every", "0", "--out", "runs/i"])
-    assert str(e.value).strip() == "interrupted twice: stopped at once; --resume runs/i continues from the last checkpoint"
+    assert str(e.value).strip() == ("interrupted twice: stopped at once; --resume runs/i continues from the last "
+                                    "checkpoint")
 
 
 def test_ctrl_c_during_the_final_evaluation_exits_in_one_line(tmp_path, monkeypatch):
@@ -412,7 +414,8 @@ def test_ctrl_c_during_the_final_evaluation_exits_in_one_line(tmp_path, monkeypa
     monkeypatch.setattr(gsm8k, "evaluate", interrupted)
     with pytest.raises(SystemExit) as e:
         train.cli(["--preset", "tiny", "--steps", "1", "--eval-every", "0", "--out", "runs/e"])
-    assert str(e.value).strip() == "interrupted: nothing after the last checkpoint was saved; --resume RUN_DIR continues"
+    assert str(e.value).strip() == ("interrupted: nothing after the last checkpoint was saved; --resume RUN_DIR "
+                                    "continues")
     assert (tmp_path / "runs/e/checkpoint.pt").exists()  # the training before it is kept
 
 
