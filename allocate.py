@@ -12,7 +12,8 @@ are an option: pass one weight per module and a budget over modules).
   reduced       proportional with `fraction` (70%) of the budget
 
 Default bounds are fractions of the uniform rank that give the study's ranges at its budget:
-proportional 20-40, random 16-48, reduced 12-32 (the study reports 12-31 for reduced). Impossible requests are errors, never silently clipped.
+proportional 20-40, random 16-48, reduced 12-32 (the study reports 12-31 for reduced). Impossible
+requests are errors, never silently clipped.
 
     python allocate.py --strategy proportional --profile RUN_DIR [--out ranks.json]
 """

@@ -99,7 +99,7 @@ def bench_sampling(hf, ours, args, device) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
 
     def ours_fn(n, compile):
-        return lambda: G.generate(ours, prompts, n, stop_ids=[], pad_id=0, num_samples=args.samples,
+        return lambda: G.generate(ours, prompts, max_new_tokens=n, stop_ids=[], pad_id=0, num_samples=args.samples,
                                   temperature=1.0, generator=gen, compile=compile)
 
     def hf_fn(n):

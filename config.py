@@ -13,9 +13,14 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+import torch
+
+import allocate
 import grpo
 import lora
+import model as qwen
 import rundir
+import tiny
 
 STRATEGIES = ("base", "uniform", "proportional", "random", "reduced", "dynamic")
 TINY_MODEL = "tiny"  # --preset tiny's model: built by tiny.py into the run folder
@@ -184,16 +189,22 @@ def check(cfg: TrainConfig):
         raise SystemExit(f"error: --strategy {cfg.strategy!r} unknown; allowed: {', '.join(STRATEGIES)}")
     if cfg.scale_policy not in lora.SCALE_POLICIES:
         raise SystemExit(f"error: --scale-policy {cfg.scale_policy!r} unknown; allowed: {lora.SCALE_POLICIES}")
-    if cfg.loss_type not in grpo.LOSS_TYPES:
-        raise SystemExit(f"error: --loss-type {cfg.loss_type!r} unknown; allowed: {grpo.LOSS_TYPES}")
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise SystemExit(f"error: --lr-schedule {cfg.lr_schedule!r} unknown; allowed: constant, cosine")
     if cfg.compile not in ("auto", "on", "off"):
         raise SystemExit(f"error: --compile {cfg.compile!r} unknown; allowed: auto, on, off")
-    if not cfg.temperature > 0:
-        raise SystemExit(f"error: --temperature {cfg.temperature}: GRPO samples, so it must be > 0")
-    if cfg.is_cap < 0:
-        raise SystemExit(f"error: --is-cap {cfg.is_cap}: must be >= 0 (0 turns the correction off)")
+    try:  # GRPO's own settings are checked where they are defined; its messages open with the field's name
+        sub_config(grpo.GRPOConfig, cfg)
+    except ValueError as e:
+        name, rest = str(e).split(" ", 1)
+        raise SystemExit(f"error: {flag(name)} {rest}")
+
+
+def sub_config(cls, cfg: TrainConfig, prefix: str = "", **extra):
+    """Another module's config dataclass (grpo.GRPOConfig, dynamic.DynamicConfig) built from `cfg` by
+    field name, `prefix` + name: each setting is spelled, defaulted and checked in one place."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in extra and hasattr(cfg, prefix + f.name)]
+    return cls(**{n: getattr(cfg, prefix + n) for n in names}, **extra)
 
 
 def read_json(path: str):
@@ -241,3 +252,70 @@ def resume_config(run_dir: str, given: dict, is_main: bool = True) -> TrainConfi
     if cfg != saved and is_main:  # e.g. more steps: the saved config says what the run became
         rundir.atomic_json(path, {**read_json(path), **{k: getattr(cfg, k) for k in given if k != "stop_after"}})
     return cfg
+
+
+# ----------------------------------------------------------------- what the settings resolve to
+
+def set_threads(cfg: TrainConfig) -> str:
+    """Fix the CPU thread count (saved in the config, since it sets the float summation order) and say why."""
+    if cfg.threads is not None:
+        why = "--threads"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        cfg.threads, why = torch.get_num_threads(), "OMP_NUM_THREADS"
+    elif cfg.preset == "tiny":  # a tiny model's operations take microseconds: threads only add waiting
+        cfg.threads, why = 1, "tiny preset"
+    else:
+        cfg.threads, why = torch.get_num_threads(), "PyTorch's default"
+    torch.set_num_threads(cfg.threads)
+    return f"{cfg.threads} CPU thread{'s' if cfg.threads > 1 else ''} ({why})"
+
+
+def choose_profile(cfg: TrainConfig) -> str:
+    """The profile source of proportional/reduced: --profile (checked), else the newest fitting run; said aloud."""
+    if cfg.profile is None:
+        cfg.profile = rundir.newest_profile_run("runs", cfg.algo, cfg.model, cfg.preset)
+        if cfg.profile is None:
+            preset = f" --preset {cfg.preset}" if cfg.preset else ""
+            raise SystemExit(f"error: --strategy {cfg.strategy} needs the gradient profile of a finished uniform run; "
+                             f"none found under runs/. Run `python train.py{preset} --strategy uniform` first, "
+                             f"or pass --profile RUN_DIR")
+        return f"profile from {cfg.profile} (the newest finished uniform {cfg.algo} run of this model and preset)"
+    problem = rundir.profile_problem(cfg.profile, cfg.algo, cfg.model, cfg.preset)
+    if problem and not cfg.any_profile:
+        raise SystemExit(f"error: --profile {cfg.profile}: {problem}; {cfg.strategy} needs the profile of a finished "
+                         f"uniform {cfg.algo} run of the same model and preset (--any-profile to use it anyway)")
+    return f"profile from {cfg.profile}" + (f" (accepted by --any-profile: {problem})" if problem else "")
+
+
+def resolve_ranks(cfg: TrainConfig, num_layers: int) -> tuple[dict | None, dict]:
+    """The rank pattern for apply_lora and a record of where it came from."""
+    if cfg.rank_pattern:
+        return read_rank_pattern(cfg.rank_pattern), {"source": cfg.rank_pattern}
+    budget = cfg.budget or num_layers * cfg.rank
+    info = {"budget": budget}
+    shares = None
+    if cfg.strategy in ("proportional", "reduced"):
+        src = cfg.profile
+        try:
+            shares = allocate.read_shares(src, cfg.normalised_profile)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: --profile: {e}")
+        info["profile"] = src
+    strategy = "uniform" if cfg.strategy == "dynamic" else cfg.strategy  # dynamic starts uniform
+    try:
+        ranks = allocate.allocate(strategy, num_layers, budget, shares, cfg.r_min, cfg.r_max, cfg.seed,
+                                  cfg.fraction)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    info["layer_ranks"] = ranks
+    return allocate.rank_pattern(ranks), info
+
+
+def known_layers(cfg: TrainConfig) -> int | None:
+    """The model's layer count when it is known without building or downloading anything."""
+    if cfg.preset == "tiny":
+        return tiny.TINY_SHAPE["num_hidden_layers"]
+    try:
+        return qwen.read_config(cfg.model).num_hidden_layers if os.path.isdir(cfg.model) else None
+    except (OSError, ValueError):
+        return None  # Run reports it, with the model's other errors

@@ -25,6 +25,7 @@ not reproduced; this is the smallest dynamic scheme that keeps the study's budge
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import allocate
 import lora
@@ -45,22 +46,24 @@ def should_move(step: int, cfg: DynamicConfig) -> bool:
     return cfg.t_init <= step <= cfg.t_final and (step - cfg.t_init) % cfg.every == 0
 
 
-def reallocate(model, profiler, optimizer, budget: int, r_min: int, r_max: int, cfg: DynamicConfig) -> list[int]:
-    """Move rank between layers from the recent profile; returns the new per-layer ranks."""
+def reallocate(model, profiler, optimizer, *, budget: int, bounds: tuple[int, int], scale_of: Callable[[int], float],
+               cfg: DynamicConfig) -> list[int]:
+    """Move rank between layers from the recent profile; returns the new per-layer ranks.
+
+    `scale_of(r)` is the scale policy's multiplier for rank r (lora.lora_scale with the run's alpha)."""
     importance = layer_norms(profiler.profile(), cfg.normalised)[-cfg.window:].mean(0)
-    ranks = allocate.proportional(importance, budget, r_min, r_max)
-    apply_layer_ranks(model, ranks, optimizer)
+    ranks = allocate.proportional(importance, budget, *bounds)
+    apply_layer_ranks(model, ranks, scale_of, optimizer)
     return ranks
 
 
-def apply_layer_ranks(model, layer_ranks: list[int], optimizer=None):
-    """Give every adapter of layer i rank layer_ranks[i] (scale per the model's policy)."""
-    cfg = model.lora_config
+def apply_layer_ranks(model, layer_ranks: list[int], scale_of: Callable[[int], float], optimizer=None):
+    """Give every adapter of layer i rank layer_ranks[i], with the scale `scale_of` gives that rank."""
     for path, m in lora.lora_modules(model).items():
         r = layer_ranks[lora.layer_of(path)]
         if r == m.r:
             continue
-        m.set_rank(r, lora.lora_scale(cfg["scale_policy"], cfg["alphas"][path], r, cfg["r"]))
+        m.set_rank(r, scale_of(r))
         if optimizer is not None:
             for p in (m.lora_A.weight, m.lora_B.weight):
                 optimizer.state.pop(p, None)  # AdamW starts this parameter's moments afresh

@@ -25,7 +25,7 @@ import torch
 from model import KVCache, Qwen2, left_pad
 
 
-def generate(model: Qwen2, prompts: list[list[int]], max_new_tokens: int, stop_ids, pad_id: int,
+def generate(model: Qwen2, prompts: list[list[int]], *, max_new_tokens: int, stop_ids, pad_id: int,
              num_samples: int = 1, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None,
              stop_check_every: int | None = None, noise_rows: tuple[int, int] | None = None,
@@ -42,65 +42,59 @@ def generate(model: Qwen2, prompts: list[list[int]], max_new_tokens: int, stop_i
     # inference_mode skips autograd's bookkeeping on every op; its tensors cannot enter a backward
     # later (GRPO trains on these tokens), so the results are cloned outside it.
     with torch.inference_mode():
-        out, mask, logp = _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, temperature,
-                                    top_k, top_p, generator, stop_check_every, noise_rows, compile)
-    return out.clone(), mask.clone(), logp.clone()
-
-
-def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, num_samples, temperature, top_k, top_p, generator,
-              stop_check_every, noise_rows, compile):
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    ids, mask = left_pad(prompts, pad_id, device)
-    B, T0 = ids.shape
-    N = B * num_samples
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if T0 + max_new_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"prompt of {T0} tokens + {max_new_tokens} new tokens exceeds the context "
-                         f"({model.config.max_position_embeddings})")
-    if compile:
-        step, cache = compiled_decoder(model, N, T0 + max_new_tokens, device, dtype)
-    else:
-        step, cache = decode_step, KVCache(model.config, N, T0 + max_new_tokens, device, dtype)
-    prefill = KVCache(model.config, B, cache.max_len, device, dtype)
-    logits = model(ids, mask, cache=prefill, num_logits=1)[:, -1]  # prefill each prompt once: (B, V)
-    cache.fill_from(prefill, num_samples)  # ... and copy its cache into its n sample rows
-    del prefill
-    logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V)
-
-    def draw():  # this step's uniforms (greedy decoding draws none)
-        return None if temperature == 0 else uniforms(N, generator, device, noise_rows)
-
-    nxt = sample_next(logits, temperature, top_k, top_p, draw())
-    nxt_logp = token_logprob(logits, nxt, temperature)
-    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logp = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
-    done = torch.zeros(N, dtype=torch.bool, device=device)
-    # Checking "all rows finished" syncs with the host; on a GPU do it only every few tokens.
-    every = stop_check_every or (16 if device.type == "cuda" else 1)
-    for t in range(max_new_tokens):
-        real = ~done  # rows still writing; finished rows get padding the model will not attend to
-        tok = torch.where(real, nxt, pad_id)
-        out[:, t] = tok
-        logp[:, t] = torch.where(real, nxt_logp, 0.0)
-        done = done | torch.isin(tok, stops)
-        if t + 1 == max_new_tokens or ((t + 1) % every == 0 and bool(done.all())):
-            break
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        ids, mask = left_pad(prompts, pad_id, device)
+        B, T0 = ids.shape
+        N = B * num_samples
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if T0 + max_new_tokens > model.config.max_position_embeddings:
+            raise ValueError(f"prompt of {T0} tokens + {max_new_tokens} new tokens exceeds the context "
+                             f"({model.config.max_position_embeddings})")
         if compile:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's output is consumed
-        # Dynamo checks some 400 guards before each compiled call (5-10% of a small step). This call's
-        # first step checks them all (and recompiles if needed); the later ones differ from it only in
-        # tensor values, never in what the guards test, so they skip them.
-        with (torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if compile and t > 0
-              else contextlib.nullcontext()):
-            nxt, nxt_logp = step(model, tok, real, cache, draw(), temperature, top_k, top_p)
-    out, logp = out[:, :t + 1], logp[:, :t + 1]
-    # mask: real tokens up to and including the first stop
-    is_stop = torch.isin(out, stops)
-    after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
-    return out, (~after_stop).long(), logp
+            step, cache = compiled_decoder(model, N, T0 + max_new_tokens, device, dtype)
+        else:
+            step, cache = decode_step, KVCache(model.config, N, T0 + max_new_tokens, device, dtype)
+        prefill = KVCache(model.config, B, cache.max_len, device, dtype)
+        logits = model(ids, mask, cache=prefill, num_logits=1)[:, -1]  # prefill each prompt once: (B, V)
+        cache.fill_from(prefill, num_samples)  # ... and copy its cache into its n sample rows
+        del prefill
+        logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V)
+
+        def draw():  # this step's uniforms (greedy decoding draws none)
+            return None if temperature == 0 else uniforms(N, generator, device, noise_rows)
+
+        nxt = sample_next(logits, temperature, top_k, top_p, draw())
+        nxt_logp = token_logprob(logits, nxt, temperature)
+        stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+        out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        logp = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
+        done = torch.zeros(N, dtype=torch.bool, device=device)
+        # Checking "all rows finished" syncs with the host; on a GPU do it only every few tokens.
+        every = stop_check_every or (16 if device.type == "cuda" else 1)
+        for t in range(max_new_tokens):
+            real = ~done  # rows still writing; finished rows get padding the model will not attend to
+            tok = torch.where(real, nxt, pad_id)
+            out[:, t] = tok
+            logp[:, t] = torch.where(real, nxt_logp, 0.0)
+            done = done | torch.isin(tok, stops)
+            if t + 1 == max_new_tokens or ((t + 1) % every == 0 and bool(done.all())):
+                break
+            if compile:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's output is consumed
+            # Dynamo checks some 400 guards before each compiled call (5-10% of a small step). This call's
+            # first step checks them all (and recompiles if needed); the later ones differ from it only in
+            # tensor values, never in what the guards test, so they skip them.
+            with (torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if compile and t > 0
+                  else contextlib.nullcontext()):
+                nxt, nxt_logp = step(model, tok, real, cache, draw(), temperature, top_k, top_p)
+        out, logp = out[:, :t + 1], logp[:, :t + 1]
+        # mask: real tokens up to and including the first stop
+        is_stop = torch.isin(out, stops)
+        after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
+        mask = (~after_stop).long()
+    return out.clone(), mask.clone(), logp.clone()
 
 
 # ------------------------------------------------------------------------------- the decode step

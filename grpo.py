@@ -1,16 +1,17 @@
-"""One step of GRPO (Shao et al., DeepSeekMath, arXiv 2402.03300) on a LoRA-adapted model.
+"""GRPO (Shao et al., DeepSeekMath, arXiv 2402.03300) on a LoRA-adapted model: rollout and loss.
 
-What it implements, in the order of the paper's objective:
-  1. Sample K completions for each of B prompts from the current policy (LoRA merged for speed) at
+What it implements, in the order of the paper's objective (train.py's loop calls these in this order):
+  1. rollout(): sample K completions for each of B prompts from the current policy (LoRA merged for speed) at
      temperature T; the sampler also returns each drawn token's log-probability.
   2. Score each completion with every reward function; the reward is their weighted sum.
   3. Group-relative advantages A_i = (r_i - mean(r_group)) / (std(r_group) + eps); without the division
      with `scale_rewards=False` (Dr. GRPO, arXiv 2503.20783). A group whose rewards are all equal has
      A = 0 and teaches nothing.
-  4. Per-token log-probabilities (fp32) of each completion under softmax(logits / T), the distribution
-     that was sampled (as TRL does), for the current policy, the policy at sampling time (differs only
-     when `num_iterations` > 1) and the reference policy, which is the same model with its adapters
-     disabled (no second copy of the weights). top-p/top-k truncation is not corrected for (as in TRL).
+  4. reference_logprobs(), then backward(): per-token log-probabilities (fp32) of each completion
+     under softmax(logits / T), the distribution that was sampled (as TRL does), for the current
+     policy, the policy at sampling time (differs only when `num_iterations` > 1) and the reference
+     policy, which is the same model with its adapters disabled (no second copy of the weights).
+     top-p/top-k truncation is not corrected for (as in TRL).
   5. Per token: -w·min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A) + β·KL, with ρ = π/π_old, the k3 estimator
      KL = exp(ref - logp) - (ref - logp) - 1, and w the truncated importance weight
      min(π_old / π_sampler, `is_cap`) of the token (TRL's and verl's correction for vLLM rollouts):
@@ -22,20 +23,20 @@ What it implements, in the order of the paper's objective:
                 down-weighted per token
        dr_grpo  sum over tokens / (completions x max_new_tokens) (Dr. GRPO): no length normalisation
      The default is `grpo`, the paper's formula, which is what the study names.
-  6. Backward in micro-batches (the normalisers are computed over the whole batch, so the sum of the
-     micro-batch losses is exactly the batch loss), gradient-norm clipping, AdamW on the adapters. The
-     profiler records the first pass's gradient once per step, whatever `num_iterations` is.
+  6. backward() backpropagates in micro-batches (the normalisers are computed over the whole batch, so
+     the sum of the micro-batch losses is exactly the batch loss). What follows the backward pass, the
+     gradient all-reduce, the profiler's record(), clipping and the optimiser step, is train.py's.
   `clip_frac` counts the clipping that is active (ρ > 1+ε_high with A > 0, ρ < 1-ε_low with A < 0),
   as TRL's clip_ratio/region_mean does.
 
-Left out: reward models, a separate reference model, vLLM, sequence packing. Precision: on CUDA the
-frozen base weights are bf16, LoRA weights, gradients and AdamW state fp32, log-probs fp32; fp32 on CPU.
+Left out: the optimiser and everything after the backward pass (train.py), reward models, a separate
+reference model, vLLM, sequence packing. Precision: on CUDA the frozen base weights are bf16, LoRA
+weights, gradients and AdamW state fp32, log-probs fp32; fp32 on CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -65,18 +66,17 @@ class GRPOConfig:
     num_iterations: int = 1  # optimiser passes over one sampled batch
     mask_truncated: bool = False  # drop completions that hit max_new_tokens without a stop token
     micro_batch: int = 4  # sequences per forward/backward
-    max_grad_norm: float = 1.0
     merge_for_sampling: bool = True
     compile_decode: bool = False  # torch.compile the decode step (a CUDA graph on a GPU)
     is_cap: float = 3.0  # truncated importance weight min(π_old/π_sampler, cap) per token (TRL's C_max); 0: off
 
-    def __post_init__(self):
+    def __post_init__(self):  # each message opens with the field's name (config.py turns it into the flag)
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type {self.loss_type!r} unknown; allowed: {LOSS_TYPES}")
+            raise ValueError(f"loss_type {self.loss_type!r} unknown; allowed: {', '.join(LOSS_TYPES)}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 for GRPO (it samples), got {self.temperature}")
+            raise ValueError(f"temperature {self.temperature}: GRPO samples, so it must be > 0")
         if self.is_cap < 0:
-            raise ValueError(f"is_cap must be >= 0 (0: no importance correction), got {self.is_cap}")
+            raise ValueError(f"is_cap {self.is_cap}: must be >= 0 (0 turns the correction off)")
 
 
 # ------------------------------------------------------------------------------ pure computations
@@ -148,6 +148,8 @@ class Rollout:
     truncated: torch.Tensor  # (N,) bool: no stop token within max_new_tokens
     lengths: torch.Tensor  # (N,) completion tokens including the stop token
     times: dict = field(default_factory=dict)
+    ref_logp: torch.Tensor | None = None  # (N, Tc) under the reference policy (reference_logprobs)
+    old_logp: torch.Tensor | None = None  # (N, Tc) under the sampling policy, when num_iterations > 1
 
 
 @torch.no_grad()
@@ -194,122 +196,77 @@ def rollout(model, tokenizer, prompts: list[list[int]], examples: list, reward_f
                    times={"sample": t1 - t0, "score": t2 - t1})
 
 
-def learn(model, batch: Rollout, cfg: GRPOConfig, optimizer, scheduler=None, profiler=None) -> dict:
-    """`num_iterations` optimiser steps on one rollout, each a micro-batched backward over all of it.
+def micro_batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
-    `profiler`, when given, has its `record()` called once, after the first pass's backward over every
-    micro-batch and before clipping, so it sees the accumulated gradient of the whole batch: one
-    profile row per step, the gradient at the policy that sampled, whatever `num_iterations` is.
-    """
-    t0 = time.perf_counter()
-    n_local, Tc = batch.mask.shape
-    # normalisers over the whole batch, across data-parallel ranks too
-    N, n_tokens = parallel.sum_int(n_local), parallel.sum_int(int(batch.mask.sum()))
-    chunks = [slice(i, min(i + cfg.micro_batch, n_local)) for i in range(0, n_local, cfg.micro_batch)]
-    params = lora.lora_parameters(model)
 
-    def logps(s, grad=False, entropy=False):
-        with torch.set_grad_enabled(grad):
-            return completion_logprobs(model, batch.ids[s], batch.attn[s], Tc, entropy, cfg.temperature)
+@torch.no_grad()
+def reference_logprobs(model, batch: Rollout, cfg: GRPOConfig):
+    """Fill in the log-probs the loss compares against, without gradient: the reference policy's (the
+    adapters disabled; skipped when β = 0) and the sampling policy's (only when `num_iterations` > 1:
+    with one pass the policy is the sampling policy, and its detached log-probs serve)."""
+    Tc = batch.mask.shape[1]
+    chunks = micro_batches(len(batch.ids), cfg.micro_batch)
 
-    ref = old = None
+    def logps(s):
+        return completion_logprobs(model, batch.ids[s], batch.attn[s], Tc, temperature=cfg.temperature)[0]
+
     if cfg.beta != 0:
         with lora.disable_adapters(model):
-            ref = torch.cat([logps(s)[0] for s in chunks])
+            batch.ref_logp = torch.cat([logps(s) for s in chunks])
     if cfg.num_iterations > 1:  # the sampling policy, frozen for all passes over this batch
-        old = torch.cat([logps(s)[0] for s in chunks])
+        batch.old_logp = torch.cat([logps(s) for s in chunks])
 
+
+def backward(model, batch: Rollout, cfg: GRPOConfig, first: bool = True) -> dict:
+    """The GRPO loss of the whole batch, backpropagated micro-batch by micro-batch into the adapters'
+    .grad; returns the loss and its statistics over the batch (all data-parallel ranks). With
+    `first`, also the entropy, the sampler-learner gap and the mean importance weight."""
     model.train()
-    stats = {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "loss": 0.0, "grad_norm": 0.0}
-    for it in range(cfg.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
-        # over valid tokens: kl, active clips, entropy, |logp_old - logp_sampler|, importance weight; the loss
-        sums = torch.zeros(6, device=batch.ids.device)
-        gap_max = torch.zeros((), device=batch.ids.device)
-        for s in chunks:
-            logp, ent = logps(s, grad=True, entropy=it == 0)
-            old_s = logp.detach() if old is None else old[s]
-            ref_s = logp.detach() if ref is None else ref[s]
-            m = batch.mask[s]
-            w = importance_weight(old_s, batch.sampler_logp[s], cfg.is_cap) if cfg.is_cap else None
-            tok_loss, ratio, kl = per_token_loss(logp, old_s, ref_s, batch.advantages[s], m, cfg.beta,
-                                                 cfg.eps_low, cfg.eps_high, w)
-            loss = aggregate(tok_loss, m, cfg.loss_type, N, n_tokens, cfg.max_new_tokens)
-            loss.backward()
-            with torch.no_grad():
-                clipped = active_clipping(ratio, batch.advantages[s], cfg.eps_low, cfg.eps_high)
-                ent_sum = (ent * m).sum() if ent is not None else torch.zeros((), device=m.device)
-                gap = torch.where(m, (old_s - batch.sampler_logp[s]).abs(), 0.0)
-                w_sum = (w * m).sum() if w is not None else m.sum()
-                sums += torch.stack([(kl * m).sum(), (clipped * m).sum(), ent_sum, gap.sum(), w_sum, loss.detach()])
-                gap_max = torch.maximum(gap_max, gap.max())
-        sums = parallel.all_reduce_sum(sums)
-        grad_norm = optimizer_step(params, optimizer, scheduler, profiler if it == 0 else None, cfg.max_grad_norm)
-        kl_mean, clip_mean, ent_mean, gap_mean, w_mean = (sums[:5] / max(n_tokens, 1)).tolist()
-        stats["kl"], stats["clip_frac"], stats["loss"] = kl_mean, clip_mean, sums[5].item()
-        stats["grad_norm"] = grad_norm
-        if it == 0:
-            stats["entropy"] = ent_mean
-            stats["logp_mismatch_mean"], stats["logp_mismatch_max"] = gap_mean, gap_max.item()
-            stats["is_weight_mean"] = w_mean
-    optimizer.zero_grad(set_to_none=True)
-    stats["time_learn"] = time.perf_counter() - t0
+    n_local, Tc = batch.mask.shape
+    # normalisers over the whole batch, across data-parallel ranks too, so micro-batch losses sum to it
+    N, n_tokens = parallel.sum_int(n_local), parallel.sum_int(int(batch.mask.sum()))
+    device = batch.ids.device
+    # over valid tokens: kl, active clips, entropy, |logp_old - logp_sampler|, importance weight; the loss
+    sums, gap_max = torch.zeros(6, device=device), torch.zeros((), device=device)
+    for s in micro_batches(n_local, cfg.micro_batch):
+        logp, ent = completion_logprobs(model, batch.ids[s], batch.attn[s], Tc, first, cfg.temperature)
+        old = logp.detach() if batch.old_logp is None else batch.old_logp[s]
+        ref = logp.detach() if batch.ref_logp is None else batch.ref_logp[s]
+        m = batch.mask[s]
+        w = importance_weight(old, batch.sampler_logp[s], cfg.is_cap) if cfg.is_cap else None
+        tok_loss, ratio, kl = per_token_loss(logp, old, ref, batch.advantages[s], m, cfg.beta, cfg.eps_low,
+                                             cfg.eps_high, w)
+        loss = aggregate(tok_loss, m, cfg.loss_type, N, n_tokens, cfg.max_new_tokens)
+        loss.backward()
+        with torch.no_grad():
+            clipped = active_clipping(ratio, batch.advantages[s], cfg.eps_low, cfg.eps_high)
+            ent_sum = (ent * m).sum() if ent is not None else torch.zeros((), device=device)
+            gap = torch.where(m, (old - batch.sampler_logp[s]).abs(), 0.0)
+            w_sum = (w * m).sum() if w is not None else m.sum()
+            sums += torch.stack([(kl * m).sum(), (clipped * m).sum(), ent_sum, gap.sum(), w_sum, loss.detach()])
+            gap_max = torch.maximum(gap_max, gap.max())
+    sums = parallel.all_reduce_sum(sums)
+    kl_mean, clip_mean, ent_mean, gap_mean, w_mean = (sums[:5] / max(n_tokens, 1)).tolist()
+    stats = {"kl": kl_mean, "clip_frac": clip_mean, "loss": sums[5].item()}
+    if first:
+        stats.update(entropy=ent_mean, logp_mismatch_mean=gap_mean, logp_mismatch_max=gap_max.item(),
+                     is_weight_mean=w_mean)
     return stats
 
 
-def grpo_step(model, tokenizer, optimizer, examples: list, prompts: list[list[int]], reward_fns: dict,
-              weights: dict, cfg: GRPOConfig, generator: torch.Generator, scheduler=None, profiler=None) -> dict:
-    """Sample, score and learn on one batch of prompts; returns the step's metrics (all plain floats)."""
-    batch = rollout(model, tokenizer, prompts, examples, reward_fns, weights, cfg, generator)
-    stats = learn(model, batch, cfg, optimizer, scheduler, profiler)
+def rollout_metrics(batch: Rollout, reward_names: list[str], num_generations: int) -> dict:
+    """What was sampled and how it scored, as plain numbers for the step's log line."""
     total = batch.total
-    grouped = total.view(-1, cfg.num_generations)
+    grouped = total.view(-1, num_generations)
     metrics = {"reward": total.mean().item(), "reward_std": total.std().item() if total.numel() > 1 else 0.0}
-    for j, name in enumerate(reward_fns):
+    for j, name in enumerate(reward_names):
         metrics[f"reward/{name}"] = batch.rewards[:, j].mean().item()
         metrics[f"reward/{name}_std"] = batch.rewards[:, j].std().item() if total.numel() > 1 else 0.0
     metrics["zero_std_groups"] = (grouped.max(-1).values == grouped.min(-1).values).float().mean().item()
     metrics["completion_len"] = batch.lengths.float().mean().item()
     metrics["completion_len_max"] = int(batch.lengths.max())
     metrics["truncated"] = batch.truncated.float().mean().item()
-    metrics["lr"] = optimizer.param_groups[0]["lr"]
     metrics["tokens"] = int(batch.lengths.sum())
-    metrics.update(stats)
     metrics["time_sample"], metrics["time_score"] = batch.times["sample"], batch.times["score"]
     return metrics
-
-
-# -------------------------------------------------------------------------- optimiser and schedule
-
-def optimizer_step(params, optimizer, scheduler, profiler, max_grad_norm: float) -> float:
-    """After the backward passes: sum gradients over data-parallel ranks, let the profiler record them,
-    clip, step. Returns the gradient norm before clipping."""
-    parallel.all_reduce_grads(params)  # the whole batch's gradient on every rank
-    if profiler is not None:
-        profiler.record()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    return float(grad_norm)
-
-
-def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.99)):
-    """AdamW on the LoRA parameters only (fp32 state)."""
-    return torch.optim.AdamW(lora.lora_parameters(model), lr=lr, weight_decay=weight_decay, betas=betas)
-
-
-def make_scheduler(optimizer, warmup_steps: int, total_steps: int, kind: str = "constant"):
-    """Linear warm-up, then constant or cosine decay to 10% of the peak."""
-    if kind not in ("constant", "cosine"):
-        raise ValueError(f"lr schedule {kind!r} unknown; allowed: ('constant', 'cosine')")
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

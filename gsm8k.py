@@ -1,4 +1,4 @@
-"""GSM8K (Cobbe et al., arXiv 2110.14168): the data, the prompt, the two rewards and the evaluation.
+"""GSM8K (Cobbe et al., arXiv 2110.14168): the data, the prompt and the two rewards.
 
 The data is the original release's jsonl, checksum-verified. The model is asked to answer in the
 format most public GRPO-on-GSM8K recipes for Qwen2.5-Instruct use:
@@ -21,15 +21,17 @@ Two rewards, pure functions of (completion text, gold answer), that never raise:
                   fine, two numbers ("3 + 15 = 18") or none are not. Before parsing, the Unicode minus
                   signs U+2212, U+FE63 and U+FF0D become "-"; nothing else is normalised (other
                   Unicode digits or dashes are not read as numbers or signs).
-The evaluation reports strict accuracy (the correctness reward) with a 95% Wilson interval, the
-format rate and, for models that ignore the tags, a lenient accuracy (the last number anywhere).
+lenient_answer, the last number anywhere, serves evaluate.py's lenient accuracy (models that ignore
+the tags).
+
+Left out: the model. This module is the task alone (it imports nothing from the project), so its
+rewards can be read, tested and reused without a sampler; evaluate.py runs the model on it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -37,10 +39,6 @@ import urllib.request
 from dataclasses import dataclass
 from fractions import Fraction
 
-import torch
-
-from generate import generate
-from rundir import atomic_lines
 
 SHA256 = {"train": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
           "test": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"}
@@ -259,58 +257,3 @@ def lenient_answer(text: str) -> Fraction | None:
     """The last number anywhere in the completion (for models that ignore the tags)."""
     found = list(NUMBER.finditer(text.translate(MINUS_SIGNS)))
     return _to_fraction(found[-1]) if found else None
-
-
-# ------------------------------------------------------------------------------------- evaluation
-
-def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """95% Wilson score interval for k successes out of n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int = 512,
-             batch_size: int = 32, temperature: float = 0.0, seed: int = 0, records_path: str | None = None,
-             log=None, compile: bool = False) -> dict:
-    """Accuracy (strict, with a Wilson interval, and lenient), format rate and lengths over `examples`.
-
-    Greedy by default (temperature 0). Writes one jsonl record per problem to `records_path` (atomically) for audit.
-    """
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    records = []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        prompts = [tokenizer.encode(prompt_text(ex.question, tokenizer.chat)) for ex in batch]
-        out, mask, _ = generate(model, prompts, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id,
-                             temperature=temperature, generator=gen, compile=compile)
-        for ex, ids, m in zip(batch, out.tolist(), mask.sum(-1).tolist()):
-            text = tokenizer.decode(ids[:m])
-            parsed, lenient = extract_answer(text), lenient_answer(text)
-            records.append({"index": ex.index, "question": ex.question, "gold": format_number(ex.gold),
-                            "completion": text, "tokens": m,
-                            "parsed": None if parsed is None else format_number(parsed),
-                            "correct": parsed == ex.gold, "lenient_correct": lenient == ex.gold,
-                            "format_ok": format_reward(text) == 1.0})
-        if log:
-            log(f"eval {len(records)}/{len(examples)}")
-    return summarise(records, records_path)
-
-
-def summarise(records: list[dict], records_path: str | None = None) -> dict:
-    """Accuracy with its Wilson interval, lenient accuracy, format rate and lengths of eval records;
-    writes the records (one jsonl line per problem) atomically when given a path."""
-    n = len(records)
-    k = sum(r["correct"] for r in records)
-    if records_path:
-        atomic_lines(records_path, [json.dumps(r) + "\n" for r in records])
-    lengths = [r["tokens"] for r in records] or [0]
-    return {"n": n, "correct": k, "accuracy": k / max(n, 1), "ci95": wilson_interval(k, n),
-            "lenient_accuracy": sum(r["lenient_correct"] for r in records) / max(n, 1),
-            "format_rate": sum(r["format_ok"] for r in records) / max(n, 1),
-            "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths), "records": records}

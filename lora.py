@@ -242,6 +242,10 @@ def apply_lora(model: nn.Module, r: int = 32, alpha: float = 64.0, targets=TARGE
     for p, rank in ranks.items():
         if not isinstance(rank, int) or rank < 0:
             raise ValueError(f"rank for {p} must be a non-negative int, got {rank!r}")
+        base = model.get_submodule(p)
+        if rank > (width := min(base.in_features, base.out_features)):
+            raise ValueError(f"rank {rank} for {p} exceeds its smaller dimension {width} ({base.in_features} -> "
+                             f"{base.out_features}): B·A cannot have rank above {width}")
     for p in model.parameters():
         p.requires_grad_(False)
     for p in paths:
@@ -251,8 +255,6 @@ def apply_lora(model: nn.Module, r: int = 32, alpha: float = 64.0, targets=TARGE
         base = model.get_submodule(p)
         wrapped = LoRALinear(base, ranks[p], lora_scale(scale_policy, alphas[p], ranks[p], r), dropout, capacity)
         setattr(model.get_submodule(parent), name, wrapped)
-    model.lora_config = dict(r=r, alpha=alpha, targets=list(targets), dropout=dropout, scale_policy=scale_policy,
-                             ranks=ranks, alphas=alphas)
     return ranks
 
 
@@ -342,33 +344,35 @@ def merged(model: nn.Module):
 PEFT_PREFIX = "base_model.model."
 
 
-def peft_config(model: nn.Module, base_model_name_or_path: str = "") -> dict:
-    """PEFT's adapter_config.json for this model's adapters.
+def peft_config(model: nn.Module, *, r: int, alpha: float, scale_policy: str,
+                base_model_name_or_path: str = "") -> dict:
+    """PEFT's adapter_config.json for this model's adapters, with `r` and `alpha` as its defaults.
 
     rank_pattern/alpha_pattern keys are escaped exact paths: PEFT matches them as regexes with
     `re.match(rf"(.*\\.)?({key})$", name)`, under which an escaped full path selects exactly one module.
-    PEFT stores alpha, not scale, so the scale policy is exported as per-module alphas.
+    PEFT stores alpha, not scale, so the scale policy is exported as per-module alphas. A targeted
+    Linear left without an adapter (rank 0) is listed in exclude_modules.
     """
-    cfg = model.lora_config
-    r0 = cfg["r"]
     mods = lora_modules(model)
-    rank_pattern = {re.escape(p): m.r for p, m in mods.items() if m.r != r0}
-    use_rslora = cfg["scale_policy"] == "rslora"
+    rank_pattern = {re.escape(p): m.r for p, m in mods.items() if m.r != r}
+    use_rslora = scale_policy == "rslora"
     # alpha such that PEFT's own formula (alpha/r or alpha/sqrt(r)) gives back our scale
     alpha_of = {p: m.scale * (math.sqrt(m.r) if use_rslora else m.r) for p, m in mods.items()}
-    alpha0 = cfg["alpha"]
-    alpha_pattern = {re.escape(p): a for p, a in alpha_of.items() if not math.isclose(a, alpha0, rel_tol=1e-12)}
-    excluded = [p for p, r in cfg["ranks"].items() if r == 0]
+    alpha_pattern = {re.escape(p): a for p, a in alpha_of.items() if not math.isclose(a, alpha, rel_tol=1e-12)}
+    targets = sorted({p.rsplit(".", 1)[-1] for p in mods})
+    excluded = [p for p in target_paths(model, targets) if p not in mods]
+    dropout = {m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0 for m in mods.values()}
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": r0, "lora_alpha": alpha0, "target_modules": sorted({p.rsplit(".", 1)[-1] for p in mods}),
+        "r": r, "lora_alpha": alpha, "target_modules": targets,
         "exclude_modules": excluded or None, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "use_rslora": use_rslora, "lora_dropout": cfg["dropout"], "bias": "none", "fan_in_fan_out": False,
-        "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+        "use_rslora": use_rslora, "lora_dropout": max(dropout, default=0.0), "bias": "none",
+        "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
     }
 
 
-def save_adapter(model: nn.Module, folder: str, base_model_name_or_path: str = ""):
+def save_adapter(model: nn.Module, folder: str, *, r: int, alpha: float, scale_policy: str,
+                 base_model_name_or_path: str = ""):
     """adapter_config.json + adapter_model.safetensors in PEFT's layout, each written atomically."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
@@ -376,7 +380,8 @@ def save_adapter(model: nn.Module, folder: str, base_model_name_or_path: str = "
     for p, m in lora_modules(model).items():
         tensors[f"{PEFT_PREFIX}{p}.lora_A.weight"] = m.A.detach().float().cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{p}.lora_B.weight"] = m.B.detach().float().cpu().contiguous()
-    cfg = peft_config(model, base_model_name_or_path)
+    cfg = peft_config(model, r=r, alpha=alpha, scale_policy=scale_policy,
+                      base_model_name_or_path=base_model_name_or_path)
     atomic_write(os.path.join(folder, "adapter_model.safetensors"), lambda t: save_file(tensors, t))
     atomic_json(os.path.join(folder, "adapter_config.json"), cfg)
 

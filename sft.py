@@ -5,17 +5,16 @@ of the gradient, under GRPO it is spread flat. `python train.py --algo sft` trai
 the reference solutions, written in the same <reasoning>/<answer> format, with the same profiler, so
 `python profiler.py RUN_SFT RUN_GRPO` puts both regimes side by side. One step = one batch of
 (prompt, reference completion) pairs, mean token cross-entropy over the completion, micro-batched.
+
+Left out: the optimiser and everything after the backward pass (train.py's loop, shared with GRPO),
+packing, loss on the prompt tokens.
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-import lora
 import parallel
-from grpo import optimizer_step
 from gsm8k import prompt_text, reference_completion
 from model import completion_logprobs, left_pad
 
@@ -35,25 +34,17 @@ def sft_batch(tokenizer, examples: list, device) -> tuple[torch.Tensor, torch.Te
     return torch.cat([pids, tids], 1), torch.cat([pmask, tmask], 1), tmask.bool()
 
 
-def sft_step(model, tokenizer, optimizer, examples: list, micro_batch: int = 4, max_grad_norm: float = 1.0,
-             scheduler=None, profiler=None) -> dict:
-    """One optimiser step of token-mean cross-entropy on the reference completions."""
-    t0 = time.perf_counter()
-    device = next(model.parameters()).device
-    ids, attn, mask = sft_batch(tokenizer, examples, device)
+def backward(model, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, micro_batch: int = 4) -> dict:
+    """Token-mean cross-entropy on the reference completions, backpropagated micro-batch by micro-batch
+    into the adapters' .grad; returns the batch's loss (all data-parallel ranks) and its tokens."""
     n_tokens, Tc = parallel.sum_int(int(mask.sum())), mask.shape[1]  # the mean over every rank's tokens
-    params = lora.lora_parameters(model)
     model.train()
-    optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for i in range(0, len(examples), micro_batch):
+    for i in range(0, len(ids), micro_batch):
         s = slice(i, i + micro_batch)
         logp, _ = completion_logprobs(model, ids[s], attn[s], Tc)
         loss = -torch.where(mask[s], logp, 0.0).sum() / n_tokens  # this micro-batch's share of the mean
         loss.backward()
         total += loss.item()
-    total = float(parallel.all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=device)))
-    grad_norm = optimizer_step(params, optimizer, scheduler, profiler, max_grad_norm)
-    optimizer.zero_grad(set_to_none=True)
-    return {"loss": total, "grad_norm": grad_norm, "tokens": int(mask.sum()), "lr": optimizer.param_groups[0]["lr"],
-            "time_learn": time.perf_counter() - t0}
+    total = float(parallel.all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=ids.device)))
+    return {"loss": total, "tokens": int(mask.sum())}

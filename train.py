@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -33,7 +34,9 @@ import numpy as np
 import torch
 
 import allocate
+import checkpoint
 import dynamic
+import evaluate
 import grpo
 import gsm8k
 import lora
@@ -42,23 +45,10 @@ import parallel
 import rundir
 import sft
 import tiny
-from config import TrainConfig, parse_args, read_rank_pattern, resume_config
+from config import (TrainConfig, choose_profile, known_layers, parse_args, read_rank_pattern, resolve_ranks,
+                    resume_config, set_threads, sub_config)
 from profiler import GradientProfiler
 from rundir import atomic_json
-
-
-def set_threads(cfg: TrainConfig) -> str:
-    """Fix the CPU thread count (saved in the config, since it sets the float summation order) and say why."""
-    if cfg.threads is not None:
-        why = "--threads"
-    elif os.environ.get("OMP_NUM_THREADS"):
-        cfg.threads, why = torch.get_num_threads(), "OMP_NUM_THREADS"
-    elif cfg.preset == "tiny":  # a tiny model's operations take microseconds: threads only add waiting
-        cfg.threads, why = 1, "tiny preset"
-    else:
-        cfg.threads, why = torch.get_num_threads(), "PyTorch's default"
-    torch.set_num_threads(cfg.threads)
-    return f"{cfg.threads} CPU thread{'s' if cfg.threads > 1 else ''} ({why})"
 
 
 def log(msg: str):
@@ -97,67 +87,13 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def choose_profile(cfg: TrainConfig) -> str:
-    """The profile source of proportional/reduced: --profile (checked), else the newest fitting run; said aloud."""
-    if cfg.profile is None:
-        cfg.profile = rundir.newest_profile_run("runs", cfg.algo, cfg.model, cfg.preset)
-        if cfg.profile is None:
-            preset = f" --preset {cfg.preset}" if cfg.preset else ""
-            raise SystemExit(f"error: --strategy {cfg.strategy} needs the gradient profile of a finished uniform run; "
-                             f"none found under runs/. Run `python train.py{preset} --strategy uniform` first, "
-                             f"or pass --profile RUN_DIR")
-        return f"profile from {cfg.profile} (the newest finished uniform {cfg.algo} run of this model and preset)"
-    problem = rundir.profile_problem(cfg.profile, cfg.algo, cfg.model, cfg.preset)
-    if problem and not cfg.any_profile:
-        raise SystemExit(f"error: --profile {cfg.profile}: {problem}; {cfg.strategy} needs the profile of a finished "
-                         f"uniform {cfg.algo} run of the same model and preset (--any-profile to use it anyway)")
-    return f"profile from {cfg.profile}" + (f" (accepted by --any-profile: {problem})" if problem else "")
-
-
-def resolve_ranks(cfg: TrainConfig, num_layers: int) -> tuple[dict | None, dict]:
-    """The rank pattern for apply_lora and a record of where it came from."""
-    if cfg.rank_pattern:
-        return read_rank_pattern(cfg.rank_pattern), {"source": cfg.rank_pattern}
-    budget = cfg.budget or num_layers * cfg.rank
-    info = {"budget": budget}
-    shares = None
-    if cfg.strategy in ("proportional", "reduced"):
-        src = cfg.profile
-        try:
-            shares = allocate.read_shares(src, cfg.normalised_profile)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: --profile: {e}")
-        info["profile"] = src
-    strategy = "uniform" if cfg.strategy == "dynamic" else cfg.strategy  # dynamic starts uniform
-    try:
-        ranks = allocate.allocate(strategy, num_layers, budget, shares, cfg.r_min, cfg.r_max, cfg.seed,
-                                  cfg.fraction)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    info["layer_ranks"] = ranks
-    return allocate.rank_pattern(ranks), info
-
-
-def check_ranks(model, ranks: dict):
-    """Refuse allocations that train nothing, or ranks beyond what a module's shape can hold."""
-    if not any(ranks.values()):
-        raise SystemExit("error: every module has rank 0: nothing to train (--strategy base evaluates the model as is)")
-    for path, m in lora.lora_modules(model).items():
-        width = min(m.base_layer.in_features, m.base_layer.out_features)
-        if m.r > width:
-            raise SystemExit(f"error: rank {m.r} for {path} exceeds its smaller dimension {width} "
-                             f"({m.base_layer.in_features} -> {m.base_layer.out_features}): B·A cannot have rank "
-                             f"above {width}")
-
-
 # --------------------------------------------------------------------------------------- the run
 
 class Run:
     """Everything one training run owns: model, optimiser, profiler, data order, and its folder."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: str):
-        self.cfg, self.dir = cfg, run_dir
-        self.device = parallel.init(cfg.device)
+    def __init__(self, cfg: TrainConfig, run_dir: str, device: torch.device):
+        self.cfg, self.dir, self.device = cfg, run_dir, device
         if self.device.type == "cpu" and cfg.preset is None:
             log("note: no GPU, running on the CPU. Real results need the real model on a GPU; "
                 "--preset tiny runs the whole pipeline in seconds.")
@@ -200,24 +136,23 @@ class Run:
                                              dropout=cfg.dropout, scale_policy=cfg.scale_policy, capacity=capacity)
             except ValueError as e:
                 raise SystemExit(f"error: {e}")
-            check_ranks(self.model, self.ranks)
+            if not any(self.ranks.values()):
+                raise SystemExit("error: every module has rank 0: nothing to train (--strategy base evaluates the "
+                                 "model as is)")
             parallel.broadcast(lora.lora_parameters(self.model))  # every process starts from rank 0's adapters
             self.model.gradient_checkpointing = cfg.grad_checkpointing
-            self.opt = grpo.make_optimizer(self.model, cfg.lr, cfg.weight_decay)
-            self.sched = grpo.make_scheduler(self.opt, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
+            self.opt, self.sched = configure_optimizers(self.model, cfg)
             self.profiler = GradientProfiler(self.model, scale_policy=cfg.scale_policy)
         self.compile = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda")
-        self.grpo_cfg = grpo.GRPOConfig(
-            num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            top_p=cfg.top_p, beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_type=cfg.loss_type,
-            scale_rewards=cfg.scale_rewards, num_iterations=cfg.num_iterations, mask_truncated=cfg.mask_truncated,
-            micro_batch=cfg.micro_batch, max_grad_norm=cfg.max_grad_norm, compile_decode=self.compile,
-            is_cap=cfg.is_cap)
-        self.dynamic_cfg = dynamic.DynamicConfig(cfg.dynamic_every, cfg.dynamic_t_init, cfg.dynamic_t_final,
-                                                 cfg.dynamic_window, cfg.dynamic_normalised)
+        self.grpo_cfg = sub_config(grpo.GRPOConfig, cfg, compile_decode=self.compile)
+        self.dynamic_cfg = sub_config(dynamic.DynamicConfig, cfg, prefix="dynamic_")
         self.rewards = {"correct": lambda text, ex: gsm8k.correct_reward(text, ex.gold),
                         "format": lambda text, ex: gsm8k.format_reward(text, cfg.format_strict)}
         self.weights = {"correct": cfg.reward_correct, "format": cfg.reward_format}
+
+    def scale_of(self, r: int) -> float:
+        """The scale policy's multiplier for an adapter of rank r (dynamic moves)."""
+        return lora.lora_scale(self.cfg.scale_policy, self.cfg.alpha, r, self.cfg.rank)
 
     # -- data order: a fresh seeded permutation each epoch, so position = step alone
     def batch(self, step: int) -> list:
@@ -235,35 +170,19 @@ class Run:
     def prompts(self, examples) -> list[list[int]]:
         return [self.tok.encode(gsm8k.prompt_text(ex.question, self.tok.chat)) for ex in examples]
 
-    # -- checkpoints: one file, written atomically
+    # -- checkpoints: checkpoint.py's one file, plus the profile (its own file)
     def save_checkpoint(self):
-        if not parallel.is_main():
-            return
-        state = {"step": self.step, "lora": lora.adapter_state(self.model), "optimizer": self.opt.state_dict(),
-                 "scheduler": self.sched.state_dict(), "rng": rng_state(self.device)}
-        rundir.atomic_write(os.path.join(self.dir, rundir.CHECKPOINT), lambda tmp: torch.save(state, tmp))
-        self.profiler.save(self.dir)
+        if parallel.is_main():
+            checkpoint.save(os.path.join(self.dir, rundir.CHECKPOINT), self.step, self.model, self.opt, self.sched,
+                            self.device)
+            self.profiler.save(self.dir)
 
     def load_checkpoint(self):
-        path = os.path.join(self.dir, rundir.CHECKPOINT)
-        try:  # data only: a checkpoint someone sent cannot run code here
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as e:  # a pickled object, a truncated or garbage file
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SystemExit(f"error: {path}: not a checkpoint this program can load ({reason}); "
-                             f"checkpoints are read as tensors and plain values only")
-        if not isinstance(state, dict) or set(state) != {"step", "lora", "optimizer", "scheduler", "rng"}:
-            raise SystemExit(f"error: {path}: not a checkpoint this program wrote (unexpected contents)")
-        # A, B and each adapter's (r, scale), so a dynamic run's moved ranks come back with them
-        unexpected = self.model.load_state_dict(state["lora"], strict=False).unexpected_keys
-        missing = sorted(set(lora.adapter_state(self.model)) - set(state["lora"]))
-        if unexpected or missing:
-            raise SystemExit(f"error: {path}: does not fit the model (unexpected {unexpected[:3]}, "
-                             f"missing {missing[:3]})")
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        self.step = state["step"]
+        try:
+            self.step = checkpoint.load(os.path.join(self.dir, rundir.CHECKPOINT), self.model, self.opt, self.sched,
+                                        self.device)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
         # Every file must reach the checkpoint's step; what lies beyond it is recomputed. A file that
         # falls short lost steps, and resuming would hide that: refuse, saying what is missing.
         metrics = os.path.join(self.dir, rundir.METRICS)
@@ -288,35 +207,41 @@ class Run:
         cfg = self.cfg
         mine = examples[parallel.rank()::parallel.world()]
         with lora.merged(self.model) if self.ranks else contextlib.nullcontext():
-            local = gsm8k.evaluate(self.model, self.tok, mine, cfg.eval_max_new_tokens, cfg.eval_batch,
-                                   compile=self.compile)["records"]
+            local = evaluate.evaluate(self.model, self.tok, mine, max_new_tokens=cfg.eval_max_new_tokens,
+                                      batch_size=cfg.eval_batch, compile=self.compile)
         records = sorted((r for part in parallel.gather(local) for r in part), key=lambda r: r["index"])
-        path = os.path.join(self.dir, rundir.eval_records(name)) if parallel.is_main() else None
-        res = gsm8k.summarise(records, path)
-        res.pop("records")
-        if parallel.is_main():
+        res = evaluate.summarise(records)
+        if parallel.is_main():  # every answer, for audit; then the numbers
+            rundir.atomic_lines(os.path.join(self.dir, rundir.eval_records(name)),
+                                [json.dumps(r) + "\n" for r in records])
             atomic_json(os.path.join(self.dir, rundir.eval_summary(name)), res)
         return res
 
+    def log_step(self, m: dict, t0: float, per_step: float) -> dict:
+        """Every process's metrics merged into one line of metrics.jsonl, and the progress line."""
+        m = parallel.merge_metrics(parallel.gather(m))
+        m["step"], m["time_step"] = self.step, time.perf_counter() - t0
+        if parallel.is_main():
+            with open(os.path.join(self.dir, rundir.METRICS), "a") as f:
+                f.write(json.dumps(m) + "\n")
+        log(progress_line(self.step, self.cfg.steps, m, m["time_step"], per_step * (self.cfg.steps - self.step)))
+        return m
 
-def rng_state(device: torch.device) -> dict:
-    """Every RNG's state as tensors and plain values, so a checkpoint loads with weights_only=True."""
-    np_state = np.random.get_state(legacy=False)  # {'bit_generator', 'state': {'key', 'pos'}, 'has_gauss', 'gauss'}
-    np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
-    version, internal, gauss = random.getstate()
-    return {"python": [version, list(internal), gauss], "numpy": np_state, "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
 
+def configure_optimizers(model, cfg: TrainConfig):
+    """AdamW on the adapters alone (fp32 state), and its schedule: linear warm-up, then constant or a
+    cosine decay to 10% of the peak."""
+    opt = torch.optim.AdamW(lora.lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
 
-def set_rng_state(rng: dict):
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = dict(rng["numpy"], state=dict(rng["numpy"]["state"]))
-    np_state["state"]["key"] = np_state["state"]["key"].cpu().numpy().astype(np.uint32)
-    np.random.set_state(np_state)
-    torch.set_rng_state(rng["torch"].cpu())
-    if rng["cuda"] is not None:
-        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def fmt_time(s: float) -> str:
@@ -333,13 +258,58 @@ def progress_line(step: int, total: int, m: dict, sec: float, eta: float) -> str
     return f"step {step:>4}/{total} | {body} | {sec:.2f}s/step | ETA {fmt_time(eta)}"
 
 
-def train(run: Run, stop_after: int | None):
-    """The step loop: sample, score, learn, profile, log; checkpoint periodically and on Ctrl-C."""
-    cfg = run.cfg
-    metrics_path = os.path.join(run.dir, rundir.METRICS)
+def train(run: Run, stop_after: int | None) -> bool:
+    """The study's loop; returns False when it stopped early (--stop-after) with a checkpoint written."""
+    cfg, model, opt, gcfg = run.cfg, run.model, run.opt, run.grpo_cfg
+    params = lora.lora_parameters(model)
     start_step, t_start = run.step, time.perf_counter()
-    # Ctrl-C asks to stop at the next step boundary (a step cut in half would be checkpointed half
-    # done); a second Ctrl-C stops at once.
+    with ctrl_c_ends_the_step(run) as interrupted, oom_as_one_line():
+        while run.step < cfg.steps:
+            if stop_here(run, interrupted, stop_after, done=run.step - start_step):
+                return False
+            t0 = time.perf_counter()
+            examples = parallel.shard(run.batch(run.step))  # this process's share of the step's problems
+            run.gen.manual_seed(step_seed(cfg.seed, run.step))
+            if cfg.algo == "grpo":  # rollout: sample K completions per prompt, score them, group advantages
+                batch = grpo.rollout(model, run.tok, run.prompts(examples), examples, run.rewards, run.weights,
+                                     gcfg, run.gen)
+                m, passes = grpo.rollout_metrics(batch, list(run.rewards), gcfg.num_generations), gcfg.num_iterations
+                grpo.reference_logprobs(model, batch, gcfg)  # adapters off: the KL's anchor
+            else:  # SFT: the reference solutions, one pass
+                batch, m, passes = sft.sft_batch(run.tok, examples, run.device), {}, 1
+            t_learn = time.perf_counter()
+            for it in range(passes):
+                opt.zero_grad(set_to_none=True)
+                m |= grpo.backward(model, batch, gcfg, first=it == 0) if cfg.algo == "grpo" else \
+                    sft.backward(model, *batch, micro_batch=cfg.micro_batch)
+                parallel.all_reduce_grads(params)  # the whole batch's gradient, on every process
+                if it == 0:
+                    run.profiler.record()  # the study's measurement: every adapter's gradient, before clipping
+                clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+                m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))
+                opt.step()
+                run.sched.step()
+            opt.zero_grad(set_to_none=True)
+            m["lr"], m["time_learn"] = opt.param_groups[0]["lr"], time.perf_counter() - t_learn
+            run.step += 1
+            if cfg.strategy == "dynamic" and dynamic.should_move(run.step, run.dynamic_cfg):
+                m["moved_ranks"] = dynamic.reallocate(model, run.profiler, opt, budget=run.rank_info["budget"],
+                                                      bounds=run.bounds, scale_of=run.scale_of, cfg=run.dynamic_cfg)
+                log(f"ranks moved at step {run.step}: {m['moved_ranks']}")
+            run.log_step(m, t0, per_step=(time.perf_counter() - t_start) / (run.step - start_step))
+            if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
+                res = run.evaluate(gsm8k.subset(run.test_set, cfg.eval_every_n), f"step{run.step}")
+                log(f"eval @ {run.step}: accuracy {res['accuracy']:.3f} format {res['format_rate']:.2f}")
+            if run.step % cfg.checkpoint_every == 0:
+                run.save_checkpoint()
+    run.save_checkpoint()
+    return True
+
+
+@contextlib.contextmanager
+def ctrl_c_ends_the_step(run: Run):
+    """Ctrl-C asks to stop at the next step boundary (a step cut in half would be checkpointed half
+    done); a second Ctrl-C stops at once. Yields the list the handler appends to."""
     interrupted = []
 
     def on_sigint(signum, frame):
@@ -351,49 +321,31 @@ def train(run: Run, stop_after: int | None):
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        while run.step < cfg.steps:
-            if parallel.sum_int(len(interrupted)) > 0:  # every process stops at the same step
-                run.save_checkpoint()
-                log(f"\ninterrupted: checkpoint at step {run.step} written; resume with --resume {run.dir}")
-                raise SystemExit(130)
-            if stop_after is not None and run.step - start_step >= stop_after:
-                run.save_checkpoint()
-                log(f"stopped after {stop_after} steps at step {run.step}; resume with --resume {run.dir}")
-                return False
-            t0 = time.perf_counter()
-            examples = parallel.shard(run.batch(run.step))  # this process's groups
-            run.gen.manual_seed(step_seed(cfg.seed, run.step))
-            if cfg.algo == "sft":
-                m = sft.sft_step(run.model, run.tok, run.opt, examples, cfg.micro_batch, cfg.max_grad_norm,
-                                 run.sched, run.profiler)
-            else:
-                m = grpo.grpo_step(run.model, run.tok, run.opt, examples, run.prompts(examples), run.rewards,
-                                   run.weights, run.grpo_cfg, run.gen, scheduler=run.sched, profiler=run.profiler)
-            run.step += 1
-            if cfg.strategy == "dynamic" and dynamic.should_move(run.step, run.dynamic_cfg):
-                budget = run.rank_info["budget"]
-                m["moved_ranks"] = dynamic.reallocate(run.model, run.profiler, run.opt, budget, *run.bounds,
-                                                      run.dynamic_cfg)
-                log(f"ranks moved at step {run.step}: {m['moved_ranks']}")
-            m = parallel.merge_metrics(parallel.gather(m))
-            m["step"], m["time_step"] = run.step, time.perf_counter() - t0
-            if parallel.is_main():
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-            done = run.step - start_step
-            per_step = (time.perf_counter() - t_start) / done
-            log(progress_line(run.step, cfg.steps, m, m["time_step"], per_step * (cfg.steps - run.step)))
-            if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
-                res = run.evaluate(gsm8k.subset(run.test_set, cfg.eval_every_n), f"step{run.step}")
-                log(f"eval @ {run.step}: accuracy {res['accuracy']:.3f} format {res['format_rate']:.2f}")
-            if run.step % cfg.checkpoint_every == 0:
-                run.save_checkpoint()
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def oom_as_one_line():
+    try:
+        yield
     except torch.cuda.OutOfMemoryError:
         raise SystemExit("error: CUDA out of memory. Lower --micro-batch, add --grad-checkpointing, "
                          "or lower --max-new-tokens")
-    finally:
-        signal.signal(signal.SIGINT, previous)
+
+
+def stop_here(run: Run, interrupted: list, stop_after: int | None, done: int) -> bool:
+    """At a step boundary: write a checkpoint and stop if Ctrl-C was pressed (on any process) or this
+    invocation has done its --stop-after steps."""
+    if parallel.sum_int(len(interrupted)) > 0:  # every process stops at the same step
+        run.save_checkpoint()
+        log(f"\ninterrupted: checkpoint at step {run.step} written; resume with --resume {run.dir}")
+        raise SystemExit(130)
+    if stop_after is None or done < stop_after:
+        return False
     run.save_checkpoint()
+    log(f"stopped after {stop_after} steps at step {run.step}; resume with --resume {run.dir}")
     return True
 
 
@@ -402,7 +354,8 @@ def finish(run: Run, t_total: float):
     cfg = run.cfg
     tokens = 0
     if run.ranks and parallel.is_main():
-        lora.save_adapter(run.model, os.path.join(run.dir, rundir.ADAPTER), run.model_path)
+        lora.save_adapter(run.model, os.path.join(run.dir, rundir.ADAPTER), r=cfg.rank, alpha=cfg.alpha,
+                          scale_policy=cfg.scale_policy, base_model_name_or_path=run.model_path)
         run.profiler.save(run.dir)
         with open(os.path.join(run.dir, rundir.METRICS)) as f:
             tokens = sum(json.loads(line)["tokens"] for line in f)
@@ -425,21 +378,11 @@ def finish(run: Run, t_total: float):
         f"format {res['format_rate']:.2f}; results in {run.dir}")
 
 
-def known_layers(cfg: TrainConfig) -> int | None:
-    """The model's layer count when it is known without building or downloading anything."""
-    if cfg.preset == "tiny":
-        return tiny.TINY_SHAPE["num_hidden_layers"]
-    try:
-        return qwen.read_config(cfg.model).num_hidden_layers if os.path.isdir(cfg.model) else None
-    except (OSError, ValueError):
-        return None  # Run reports it, with the model's other errors
-
-
 def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None):
     """One run from its config: set up (or resume), train, evaluate. A setup that fails before the run's
     config.json is written leaves no folder behind."""
     threads = set_threads(cfg)
-    parallel.init(cfg.device)  # under torchrun: join the group before anyone writes
+    device = parallel.init(cfg.device)  # under torchrun: join the group before anyone writes
     notes = []
     if not resume:
         try:
@@ -461,7 +404,7 @@ def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None
         created = os.path.dirname(created)
     created = None if os.path.exists(created) else created
     try:
-        run = Run(cfg, run_dir)
+        run = Run(cfg, run_dir, device)
         if not resume and parallel.is_main():
             os.makedirs(run_dir, exist_ok=True)
             atomic_json(os.path.join(run_dir, rundir.RANKS), {"ranks": run.ranks, **run.rank_info})

@@ -69,3 +69,44 @@ def make_tiny_checkpoint(folder, texts, layers=2, hidden=64, seed=0, std=0.02):
     M.save_pretrained(m, str(folder))
     tok.save(os.path.join(str(folder), "tokenizer.json"))
     return str(folder)
+
+
+def learn(model, batch, cfg, optimizer, scheduler=None, profiler=None, max_grad_norm=1.0) -> dict:
+    """The learning half of train.py's GRPO step on a rollout (reference log-probs, then per pass:
+    backward, record, clip, step), for unit tests on toy models; train.py's own loop is tested end to
+    end in test_train.py."""
+    import math
+
+    import grpo
+    import lora
+    params = lora.lora_parameters(model)
+    grpo.reference_logprobs(model, batch, cfg)
+    stats = {}
+    for it in range(cfg.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        stats |= grpo.backward(model, batch, cfg, first=it == 0)
+        if it == 0 and profiler is not None:
+            profiler.record()
+        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf))
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+def grpo_step(model, tokenizer, optimizer, examples, prompts, reward_fns, weights, cfg, generator,
+              scheduler=None, profiler=None) -> dict:
+    """One GRPO step on a toy model: rollout, then learn (above); returns the step's metrics."""
+    import grpo
+    batch = grpo.rollout(model, tokenizer, prompts, examples, reward_fns, weights, cfg, generator)
+    metrics = grpo.rollout_metrics(batch, list(reward_fns), cfg.num_generations)
+    metrics |= learn(model, batch, cfg, optimizer, scheduler, profiler)
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    return metrics
+
+
+def adamw(model, lr):
+    """AdamW on the adapters, as train.configure_optimizers builds it."""
+    import lora
+    return torch.optim.AdamW(lora.lora_parameters(model), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))

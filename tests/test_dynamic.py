@@ -8,6 +8,7 @@ import dynamic as D
 import grpo
 import lora as L
 import model as M
+from conftest import adamw, grpo_step
 from profiler import GradientProfiler
 
 
@@ -29,6 +30,11 @@ def tiny(capacity=12):
     return m
 
 
+def fixed(r):
+    """The fixed policy's scale at tiny()'s alpha 16."""
+    return L.lora_scale("fixed", 16, r, 8)
+
+
 def step_grads(m, seed):
     ids = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(seed))
     m(ids).log_softmax(-1)[..., 0].mean().backward()
@@ -36,7 +42,7 @@ def step_grads(m, seed):
 
 def test_budget_holds_after_every_move_and_the_optimiser_keeps_working():
     m = tiny()
-    opt = grpo.make_optimizer(m, 1e-2)
+    opt = adamw(m, 1e-2)
     prof = GradientProfiler(m)
     cfg = D.DynamicConfig(every=1, t_init=1, t_final=100, window=2)
     history = []
@@ -45,7 +51,7 @@ def test_budget_holds_after_every_move_and_the_optimiser_keeps_working():
         prof.record()
         opt.step()
         opt.zero_grad()
-        ranks = D.reallocate(m, prof, opt, budget=32, r_min=5, r_max=12, cfg=cfg)
+        ranks = D.reallocate(m, prof, opt, budget=32, bounds=(5, 12), scale_of=fixed, cfg=cfg)
         history.append(ranks)
         assert sum(ranks) == 32 and min(ranks) >= 5 and max(ranks) <= 12
         assert D.layer_ranks(m) == ranks
@@ -62,17 +68,17 @@ def test_a_pure_move_keeps_the_output():
     ids = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = m(ids)
-        D.apply_layer_ranks(m, [12, 9, 16, 8])  # only growth: zero-effect new directions
+        D.apply_layer_ranks(m, [12, 9, 16, 8], fixed)  # only growth: zero-effect new directions
         after = m(ids)
     assert (after - before).abs().max() <= 1e-5 * before.abs().max()
 
 
 def test_moved_modules_get_fresh_optimiser_moments_only():
     m = tiny()
-    opt = grpo.make_optimizer(m, 1e-2)
+    opt = adamw(m, 1e-2)
     step_grads(m, 0)
     opt.step()
-    D.apply_layer_ranks(m, [10, 8, 8, 6], opt)
+    D.apply_layer_ranks(m, [10, 8, 8, 6], fixed, opt)
     for path, mod in L.lora_modules(m).items():
         moved = path.startswith(("model.layers.0.", "model.layers.3."))
         assert (mod.lora_A.weight in opt.state) != moved
@@ -121,8 +127,7 @@ def test_the_scale_after_a_move_is_the_policys_for_the_new_rank(policy):
     m = tiny(capacity=16)
     for mod in L.lora_modules(m).values():  # tiny() applies the default policy; re-scale to this one
         mod.scale = L.lora_scale(policy, 16, mod.r, 8)
-    m.lora_config["scale_policy"] = policy
-    D.apply_layer_ranks(m, [12, 4, 16, 8])
+    D.apply_layer_ranks(m, [12, 4, 16, 8], lambda r: L.lora_scale(policy, 16, r, 8))
     for path, mod in L.lora_modules(m).items():
         assert mod.r == [12, 4, 16, 8][L.layer_of(path)]
         assert mod.scale == pytest.approx(L.lora_scale(policy, 16, mod.r, 8), rel=1e-12)
@@ -139,18 +144,19 @@ def test_grpo_keeps_learning_across_rank_moves():
         m = M.Qwen2(cfg)
         m.init_weights(std=0.2, generator=torch.Generator().manual_seed(seed))
         L.apply_lora(m, r=4, alpha=8, capacity=8)
-        opt = grpo.make_optimizer(m, 2e-2)
+        opt = adamw(m, 2e-2)
         prof = GradientProfiler(m)
         gcfg = grpo.GRPOConfig(num_generations=8, max_new_tokens=8, beta=0.0, micro_batch=16)
         dcfg = D.DynamicConfig(every=4, t_init=8, t_final=36, window=4)
         gen = torch.Generator().manual_seed(seed)
         rewards, moves = [], []
         for step in range(1, 41):
-            met = grpo.grpo_step(m, ToyTokenizer(), opt, [None, None], [[3, 4, 5], [9, 10, 11, 12]],
+            met = grpo_step(m, ToyTokenizer(), opt, [None, None], [[3, 4, 5], [9, 10, 11, 12]],
                                  {"t": share_of_target}, {"t": 1.0}, gcfg, gen, profiler=prof)
             rewards.append(met["reward"])
             if D.should_move(step, dcfg):
-                moves.append(D.reallocate(m, prof, opt, 16, 2, 8, dcfg))
+                moves.append(D.reallocate(m, prof, opt, budget=16, bounds=(2, 8),
+                                          scale_of=lambda r: L.lora_scale("fixed", 8, r, 4), cfg=dcfg))
         assert any(r != [4] * 4 for r in moves)  # rank really moved
         first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
         assert last > first + 0.3, (seed, first, last, moves)

@@ -26,7 +26,7 @@ def test_sampling_is_seeded_and_masks_after_stop(hf_pair):
     hf, folder = hf_pair
     ours = M.from_pretrained(folder)
     prompts = [[5, 9, 2], [8, 4, 6, 1, 2]]
-    runs = [G.generate(ours, prompts, 20, stop_ids=[1, 2], pad_id=0, num_samples=4, temperature=1.5,
+    runs = [G.generate(ours, prompts, max_new_tokens=20, stop_ids=[1, 2], pad_id=0, num_samples=4, temperature=1.5,
                        top_k=50, top_p=0.95, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     (a, ma, la), (b, mb, lb) = runs
     assert a.shape[0] == 8 and torch.equal(a, b) and torch.equal(ma, mb) and torch.equal(la, lb)
@@ -64,16 +64,16 @@ def test_fast_sampling_paths_equal_the_plain_ones(hf_pair):
     _, folder = hf_pair
     ours = M.from_pretrained(folder)
     prompts = [[5, 9, 2, 7], [8, 4, 6]]
-    a, ma, _ = G.generate(ours, prompts, 10, stop_ids=[1], pad_id=0, num_samples=3, temperature=0.0)
-    b, mb, _ = G.generate(ours, [p for p in prompts for _ in range(3)], 10, stop_ids=[1], pad_id=0)
+    a, ma, _ = G.generate(ours, prompts, max_new_tokens=10, stop_ids=[1], pad_id=0, num_samples=3, temperature=0.0)
+    b, mb, _ = G.generate(ours, [p for p in prompts for _ in range(3)], max_new_tokens=10, stop_ids=[1], pad_id=0)
     assert torch.equal(a, b) and torch.equal(ma, mb)
     L.apply_lora(ours, r=4)
     with torch.no_grad():
         for p in L.lora_parameters(ours):
             p.normal_(0, 0.2)
-    plain = G.generate(ours, prompts, 10, stop_ids=[1], pad_id=0)
+    plain = G.generate(ours, prompts, max_new_tokens=10, stop_ids=[1], pad_id=0)
     with L.merged(ours):
-        fast = G.generate(ours, prompts, 10, stop_ids=[1], pad_id=0)
+        fast = G.generate(ours, prompts, max_new_tokens=10, stop_ids=[1], pad_id=0)
     assert torch.equal(plain[0], fast[0])
 
 
@@ -115,8 +115,8 @@ def test_compiled_decode_step_equals_eager(hf_pair):
                 p.normal_(0, 0.2, generator=torch.Generator().manual_seed(step))
         with L.merged(ours):
             kw = dict(stop_ids=[1], pad_id=0, num_samples=3, temperature=1.0)
-            eager = G.generate(ours, prompts, 12, generator=g(), **kw)
-            compiled = G.generate(ours, prompts, 12, generator=g(), compile=True, **kw)
+            eager = G.generate(ours, prompts, max_new_tokens=12, generator=g(), **kw)
+            compiled = G.generate(ours, prompts, max_new_tokens=12, generator=g(), compile=True, **kw)
         assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
         assert torch.allclose(eager[2], compiled[2], atol=1e-5)
 
@@ -130,9 +130,9 @@ def test_compiled_calls_with_other_settings_get_their_own_graph(hf_pair):
     settings = [dict(temperature=1.0, num_samples=3), dict(temperature=0.0, num_samples=3),
                 dict(temperature=1.0, top_k=3, num_samples=2), dict(temperature=1.0, num_samples=3)]
     for kw in settings:
-        eager = G.generate(ours, [[5, 9, 2, 7], [8, 4, 6]], 10, stop_ids=[1], pad_id=0, generator=g(), **kw)
-        compiled = G.generate(ours, [[5, 9, 2, 7], [8, 4, 6]], 10, stop_ids=[1], pad_id=0, generator=g(),
-                              compile=True, **kw)
+        common = dict(max_new_tokens=10, stop_ids=[1], pad_id=0, **kw)
+        eager = G.generate(ours, [[5, 9, 2, 7], [8, 4, 6]], generator=g(), **common)
+        compiled = G.generate(ours, [[5, 9, 2, 7], [8, 4, 6]], generator=g(), compile=True, **common)
         assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1]), kw
 
 
@@ -143,7 +143,7 @@ def test_sampler_logprobs_are_the_tokens_log_softmax_at_the_temperature(hf_pair,
     _, folder = hf_pair
     ours = M.from_pretrained(folder)
     prompts = [[5, 9, 2, 7], [8, 4, 6]]
-    out, mask, logp = G.generate(ours, prompts, 8, stop_ids=[1], pad_id=0, num_samples=2,
+    out, mask, logp = G.generate(ours, prompts, max_new_tokens=8, stop_ids=[1], pad_id=0, num_samples=2,
                                  temperature=temperature, generator=torch.Generator().manual_seed(3))
     for i in range(out.shape[0]):
         p = prompts[i // 2]

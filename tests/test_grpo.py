@@ -10,6 +10,7 @@ import torch
 import grpo as R
 import lora as L
 import model as M
+from conftest import adamw, grpo_step, learn
 
 
 def reference_loss(logp, old, ref, adv, mask, beta, el, eh, loss_type, max_new):
@@ -161,13 +162,13 @@ def run_toy(seed, steps, lr=2e-2):
     m = M.Qwen2(cfg)
     m.init_weights(std=0.2, generator=torch.Generator().manual_seed(seed))  # not near-uniform logits
     L.apply_lora(m, r=4, alpha=8)
-    opt = R.make_optimizer(m, lr)
+    opt = adamw(m, lr)
     gcfg = R.GRPOConfig(num_generations=8, max_new_tokens=8, beta=0.0, micro_batch=16)
     gen = torch.Generator().manual_seed(seed)
     prompts = [[3, 4, 5], [9, 10, 11, 12]]
     rewards = []
     for _ in range(steps):
-        met = R.grpo_step(m, ToyTokenizer(), opt, [None, None], prompts, {"target": share_of_target},
+        met = grpo_step(m, ToyTokenizer(), opt, [None, None], prompts, {"target": share_of_target},
                           {"target": 1.0}, gcfg, gen)
         rewards.append(met["reward"])
     return rewards
@@ -193,13 +194,13 @@ def test_step_reports_metrics_and_only_lora_changes():
     m.init_weights(generator=torch.Generator().manual_seed(0))
     L.apply_lora(m, r=2)
     frozen = {k: v.clone() for k, v in m.state_dict().items() if k not in L.adapter_state(m)}
-    opt = R.make_optimizer(m, 1e-2)
-    sched = R.make_scheduler(opt, warmup_steps=2, total_steps=4)
+    opt = adamw(m, 1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (step + 1) / 2)
     gcfg = R.GRPOConfig(num_generations=4, max_new_tokens=6, beta=0.04, micro_batch=3, num_iterations=2)
-    met = R.grpo_step(m, ToyTokenizer(), opt, [None], [[3, 4]], {"t": share_of_target}, {"t": 1.0}, gcfg,
+    met = grpo_step(m, ToyTokenizer(), opt, [None], [[3, 4]], {"t": share_of_target}, {"t": 1.0}, gcfg,
                       torch.Generator().manual_seed(0), scheduler=sched)
     for key in ("reward", "reward/t", "reward/t_std", "zero_std_groups", "completion_len", "truncated", "kl",
-                "clip_frac", "entropy", "grad_norm", "lr", "time_sample", "time_score", "time_learn"):
+                "clip_frac", "entropy", "grad_norm", "lr", "time_sample", "time_score", "logp_mismatch_max"):
         assert key in met and isinstance(met[key], (int, float)), key
     assert sched.last_epoch == 2  # one scheduler step per optimiser step
     for k, v in m.state_dict().items():
@@ -276,7 +277,7 @@ def test_the_learner_computes_the_samplers_distribution(temperature):
     learner, _ = M.completion_logprobs(m, batch.ids, batch.attn, batch.mask.shape[1], temperature=temperature)
     gap = (learner - batch.sampler_logp)[batch.mask]
     assert gap.abs().max() < 1e-5, gap.abs().max()
-    stats = R.learn(m, batch, cfg, R.make_optimizer(m, 0.0))
+    stats = learn(m, batch, cfg, adamw(m, 0.0))
     assert stats["logp_mismatch_max"] < 1e-5 and abs(stats["is_weight_mean"] - 1) < 1e-5, stats
 
 
@@ -295,7 +296,7 @@ def test_bf16_merged_sampling_mismatch_is_measured_and_corrected():
         grads = []
         for cap in (cfg.is_cap, 0.0):
             prof = ProfileGrads(m)
-            stats = R.learn(m, batch, R.GRPOConfig(**{**cfg.__dict__, "is_cap": cap}), torch.optim.SGD(
+            stats = learn(m, batch, R.GRPOConfig(**{**cfg.__dict__, "is_cap": cap}), torch.optim.SGD(
                 L.lora_parameters(m), lr=0.0), profiler=prof)
             grads.append(prof.grads)
             if cap:
@@ -341,10 +342,10 @@ def test_num_iterations_records_one_profile_row_per_step():
     from profiler import GradientProfiler
     m = toy_model()
     prof = GradientProfiler(m)
-    opt = R.make_optimizer(m, 1e-2)
+    opt = adamw(m, 1e-2)
     cfg = R.GRPOConfig(num_generations=4, max_new_tokens=6, num_iterations=3, micro_batch=8)
     for step in range(2):
-        R.grpo_step(m, ToyTokenizer(), opt, [None, None], [[3, 4], [5, 6]], {"t": share_of_target}, {"t": 1.0},
+        grpo_step(m, ToyTokenizer(), opt, [None, None], [[3, 4], [5, 6]], {"t": share_of_target}, {"t": 1.0},
                     cfg, torch.Generator().manual_seed(step), profiler=prof)
     assert len(prof) == 2
 
@@ -357,7 +358,7 @@ def test_micro_batch_size_changes_nothing():
     with torch.no_grad():
         for p in L.lora_parameters(base):
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(4))
-    cfg = R.GRPOConfig(num_generations=4, max_new_tokens=8, beta=0.04, max_grad_norm=0.0)
+    cfg = R.GRPOConfig(num_generations=4, max_new_tokens=8, beta=0.04)
     batch = toy_rollout(base, cfg, seed=5)
     assert batch.advantages.abs().sum() > 0 and batch.lengths.min() < batch.lengths.max()
     results = []
@@ -366,8 +367,8 @@ def test_micro_batch_size_changes_nothing():
             m = toy_model(seed=3)
             m.load_state_dict(base.state_dict())
             prof = GradientProfiler(m)
-            stats = R.learn(m, batch, R.GRPOConfig(**{**cfg.__dict__, "micro_batch": mb, "loss_type": loss_type}),
-                            torch.optim.SGD(L.lora_parameters(m), lr=1.0), profiler=prof)
+            stats = learn(m, batch, R.GRPOConfig(**{**cfg.__dict__, "micro_batch": mb, "loss_type": loss_type}),
+                            torch.optim.SGD(L.lora_parameters(m), lr=1.0), profiler=prof, max_grad_norm=0.0)
             results.append((stats["loss"], prof.grad_norms[0], [p.detach().clone() for p in L.lora_parameters(m)]))
         (la, pa, wa), (lb, pb, wb) = results[-2:]
         assert la == pytest.approx(lb, rel=1e-5, abs=1e-8), loss_type

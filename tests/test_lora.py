@@ -27,10 +27,10 @@ def randomise_lora(model, seed=0):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def peft_model_like(hf, ours):
+def peft_model_like(hf, ours, policy):
     """PEFT LoRA on the transformers model with the same ranks/scales and our adapter weights."""
     from peft import LoraConfig, get_peft_model
-    cfg = L.peft_config(ours)
+    cfg = L.peft_config(ours, r=3, alpha=8.0, scale_policy=policy)
     lcfg = LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"],
                       exclude_modules=cfg["exclude_modules"], rank_pattern=cfg["rank_pattern"],
                       alpha_pattern=cfg["alpha_pattern"], use_rslora=cfg["use_rslora"], lora_dropout=0.0)
@@ -49,7 +49,7 @@ def test_logits_and_gradients_match_peft(tmp_path, policy):
     ranks = L.apply_lora(ours, r=3, alpha=8.0, rank_pattern=RANKS, scale_policy=policy)
     assert ranks["model.layers.0.mlp.down_proj"] == 0 and ranks["model.layers.2.mlp.up_proj"] == 6
     randomise_lora(ours)
-    peft = peft_model_like(hf, ours)
+    peft = peft_model_like(hf, ours, policy)
     ids = torch.randint(0, 131, (2, 10), generator=torch.Generator().manual_seed(4))
     a, b = ours(ids), peft(input_ids=ids).logits
     assert (a - b).abs().max() <= 1e-5 * b.abs().max()
@@ -67,9 +67,9 @@ def test_logits_and_gradients_match_peft(tmp_path, policy):
 def test_adapter_round_trip_with_peft(tmp_path):
     from peft import PeftModel
     hf, ours = tiny_pair(tmp_path / "base")
-    L.apply_lora(ours, r=3, alpha=8.0, rank_pattern=RANKS, scale_policy="constant")
+    applied = L.apply_lora(ours, r=3, alpha=8.0, rank_pattern=RANKS, scale_policy="constant")
     randomise_lora(ours, seed=1)
-    L.save_adapter(ours, str(tmp_path / "ad"))
+    L.save_adapter(ours, str(tmp_path / "ad"), r=3, alpha=8.0, scale_policy="constant")
     ids = torch.randint(0, 131, (2, 10), generator=torch.Generator().manual_seed(5))
     loaded = PeftModel.from_pretrained(hf, str(tmp_path / "ad"))
     with torch.no_grad():
@@ -78,7 +78,7 @@ def test_adapter_round_trip_with_peft(tmp_path):
     loaded.save_pretrained(str(tmp_path / "peft"))
     fresh = M.from_pretrained(str(tmp_path / "base"))
     ranks = L.load_adapter(fresh, str(tmp_path / "peft"))
-    assert ranks == ours.lora_config["ranks"]
+    assert ranks == applied
     with torch.no_grad():
         assert (fresh(ids) - ours(ids)).abs().max() <= 1e-5
 
@@ -103,7 +103,7 @@ def test_exported_keys_select_exactly_under_peft_regex_rule():
         m = M.Qwen2(M.ModelConfig())
     pattern = {f"model.layers.{i}.*": 20 + i for i in range(28)}
     ranks = L.apply_lora(m, r=32, rank_pattern=pattern)
-    cfg = L.peft_config(m)
+    cfg = L.peft_config(m, r=32, alpha=64.0, scale_policy="fixed")
     paths = list(ranks)
     from peft.utils.other import get_pattern_key  # PEFT's own matcher, not a copy of it
     for p in paths:  # PEFT's rule on our exported keys gives back exactly our rank
@@ -230,7 +230,7 @@ def test_scale_policies():
 def test_load_refuses_adapter_that_does_not_fit(tmp_path):
     _, ours = tiny_pair(tmp_path / "a")
     L.apply_lora(ours, r=3)
-    L.save_adapter(ours, str(tmp_path / "ad"))
+    L.save_adapter(ours, str(tmp_path / "ad"), r=3, alpha=64.0, scale_policy="fixed")
     other = M.from_pretrained(str(tmp_path / "a"))
     other.model.layers[2].mlp.up_proj = torch.nn.Linear(96, 161, bias=False)  # a different shape
     with pytest.raises(ValueError, match=r"layers\.2\.mlp\.up_proj\.lora_B\.weight.*shape"):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -385,17 +386,17 @@ def test_ctrl_c_twice_stops_at_once_in_one_line(tmp_path, monkeypatch):
     import time as _time
     import grpo
     import train
-    real_step = grpo.grpo_step
+    real_rollout = grpo.rollout
 
-    def step_with_two_interrupts(*args, **kw):
+    def rollout_with_two_interrupts(*args, **kw):
         _os.kill(_os.getpid(), signal.SIGINT)
         _time.sleep(0.05)  # the handler runs: first Ctrl-C, finish this step
         _os.kill(_os.getpid(), signal.SIGINT)
         _time.sleep(0.05)  # the second: out at once
-        return real_step(*args, **kw)
+        return real_rollout(*args, **kw)
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(grpo, "grpo_step", step_with_two_interrupts)
+    monkeypatch.setattr(grpo, "rollout", rollout_with_two_interrupts)
     with pytest.raises(SystemExit) as e:
         train.main(["--preset", "tiny", "--steps", "5", "--eval-every", "0", "--out", "runs/i"])
     assert str(e.value).strip() == ("interrupted twice: stopped at once; --resume runs/i continues from the last "
@@ -404,14 +405,14 @@ def test_ctrl_c_twice_stops_at_once_in_one_line(tmp_path, monkeypatch):
 
 def test_ctrl_c_during_the_final_evaluation_exits_in_one_line(tmp_path, monkeypatch):
     """Outside the step loop Ctrl-C is Python's KeyboardInterrupt; the command line turns it into one line."""
-    import gsm8k
+    import evaluate
     import train
 
     def interrupted(*args, **kw):
         raise KeyboardInterrupt
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(gsm8k, "evaluate", interrupted)
+    monkeypatch.setattr(evaluate, "evaluate", interrupted)
     with pytest.raises(SystemExit) as e:
         train.cli(["--preset", "tiny", "--steps", "1", "--eval-every", "0", "--out", "runs/e"])
     assert str(e.value).strip() == ("interrupted: nothing after the last checkpoint was saved; --resume RUN_DIR "
@@ -430,3 +431,24 @@ def test_without_network_the_error_says_how_to_run_offline(tmp_path):
     assert p.returncode != 0 and len(err) == 1, p.stderr[-2000:]
     assert "cannot load model 'Qwen/Qwen2.5-1.5B-Instruct'" in err[0] and "--preset tiny runs offline" in err[0]
     assert "--model DIR" in err[0] and not (tmp_path / "runs").exists()
+
+
+def test_the_loop_profiles_the_whole_batchs_gradient_once_per_step_before_clipping(tmp_path):
+    """train.py's loop: profiler.record() sees the gradient of the whole batch (all micro-batches), before
+    clipping, once per step whatever --num-iterations is. Recording after the clip, after the first
+    micro-batch, or on every pass fails here."""
+    from safetensors.torch import load_file
+    common = ["--preset", "tiny", "--steps", "3", "--eval-n", "4", "--eval-every", "0", "--max-grad-norm", "1e-6"]
+    rows = {}
+    for name, extra in (("mb16", ["--micro-batch", "16"]), ("mb3", ["--micro-batch", "3"]),
+                        ("passes3", ["--num-iterations", "3"])):
+        run([*common, *extra, "--out", f"runs/{name}"], tmp_path)
+        prof = load_file(str(tmp_path / f"runs/{name}/profile.safetensors"))["grad_norms"].double()
+        logged = [json.loads(line)["grad_norm"] for line in (tmp_path / f"runs/{name}/metrics.jsonl").open()]
+        assert prof.shape[0] == len(logged) == 3, name  # one row per step
+        rows[name] = prof
+        if name != "passes3":  # the logged norm is the pre-clip norm of the same (first-pass) gradient
+            total = prof.square().sum((1, 2, 3)).sqrt()
+            np.testing.assert_allclose(total.numpy(), logged, rtol=1e-5)
+            assert min(logged) > 1e-3  # far above the clip: the profile is not the clipped gradient
+    np.testing.assert_allclose(rows["mb16"][0].numpy(), rows["mb3"][0].numpy(), rtol=1e-4, atol=1e-9)
