@@ -15,6 +15,9 @@ Default bounds are fractions of the uniform rank that give the study's ranges at
 proportional 20-40, random 16-48, reduced 12-32 (the study reports 12-31 for reduced). Impossible
 requests are errors, never silently clipped.
 
+Left out: moving rank during training (dynamic.py), and allocation below the layer (every module of
+a layer gets the layer's rank, as in the study).
+
     python allocate.py --strategy proportional --profile RUN_DIR [--out ranks.json]
 """
 

@@ -13,12 +13,14 @@ the default on CUDA, `--compile on` on the CPU; sampling_speedup_eager without i
 (PEFT's seconds over ours), learn_peak_mem_ratio (our peak memory over PEFT's), profiler_overhead
 (the profiler's record() as a fraction of the learn step), grpo_step_speedup_vs_trl (tiny shape,
 when trl is installed), and on CUDA the decode's achieved memory bandwidth and the learn step's MFU.
+BENCH.md holds the measured figures and where the speed comes from.
+
+Left out: multi-GPU scaling, and absolute seconds as a target (they move with the machine's load).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -31,6 +33,7 @@ import torch
 import generate as G
 import lora
 import model as M
+import rundir
 from profiler import GradientProfiler
 
 SHAPES = {
@@ -222,11 +225,11 @@ def measure_cpu_peak(args, which: str, folder: str) -> float:
     when freed, so resident memory tracks live tensors.
     """
     import subprocess
-    code = (f"import bench; bench.cpu_peak_child({folder!r}, {args.dtype!r}, {which!r}, {args.learn_seqs}, "
-            f"{args.prompt_len}, {args.new_tokens}, {args.micro_batch}, {args.rank})")
+    flags = ["--child", "cpu-peak", "--which", which, "--model-dir", folder, "--dtype", args.dtype,
+             "--learn-seqs", str(args.learn_seqs), "--prompt-len", str(args.prompt_len),
+             "--new-tokens", str(args.new_tokens), "--micro-batch", str(args.micro_batch), "--rank", str(args.rank)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *flags], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return float(out.stdout.strip().splitlines()[-1])
@@ -237,19 +240,19 @@ def _proc_kb(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field))
 
 
-def cpu_peak_child(folder, dtype, which, seqs, prompt_len, new_tokens, micro_batch, rank):
+def cpu_peak_child(args):
+    """`--child cpu-peak`: the peak resident memory of one learn step of `--which`, printed in bytes."""
     import gc
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2ForCausalLM
-    args = argparse.Namespace(learn_seqs=seqs, prompt_len=prompt_len, new_tokens=new_tokens, micro_batch=micro_batch)
-    if which == "peft":
-        hf = Qwen2ForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
-        m = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(lora.TARGETS)))
+    if args.which == "peft":
+        hf = Qwen2ForCausalLM.from_pretrained(args.model_dir, dtype=DTYPES[args.dtype])
+        m = get_peft_model(hf, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=list(lora.TARGETS)))
         fn = lambda: peft_learn(m, ids, adv, args)
     else:
-        m = M.from_pretrained(folder, device="cpu", dtype=DTYPES[dtype])
-        lora.apply_lora(m, r=rank, alpha=2 * rank)
-        m.gradient_checkpointing = which == "ours_ckpt"
+        m = M.from_pretrained(args.model_dir, device="cpu", dtype=DTYPES[args.dtype])
+        lora.apply_lora(m, r=args.rank, alpha=2 * args.rank)
+        m.gradient_checkpointing = args.which == "ours_ckpt"
         fn = lambda: ours_learn(m, ids, adv, args)
     m.train()
     ids, adv = learn_inputs(m.config.vocab_size, args, torch.device("cpu"))
@@ -274,8 +277,8 @@ def bench_grpo_vs_trl(args) -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     res = {}
     for which in ("trl", "ours", "ours_compiled") * 3:  # interleaved processes
-        out = subprocess.run([sys.executable, "-c", f"import bench; bench.grpo_child({which!r}, {args.grpo_steps})"],
-                             capture_output=True, text=True, cwd=here)
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "grpo-step", "--which", which,
+                              "--grpo-steps", str(args.grpo_steps)], capture_output=True, text=True, cwd=here)
         if out.returncode != 0:
             return {"skipped": f"{which} failed: {out.stderr[-1500:]}"}
         res.setdefault(which, []).append(float(out.stdout.strip().splitlines()[-1]))
@@ -292,9 +295,11 @@ class _CharTokenizer:
         return " ".join(map(str, ids))
 
 
-def grpo_child(which: str, steps: int):
-    """Median seconds per step over `steps` steps (after one warm-up), printed on the last line."""
+def grpo_child(args):
+    """`--child grpo-step`: median seconds per GRPO step of `--which` over `--grpo-steps` steps (after one
+    warm-up), printed on the last line."""
     import grpo
+    which, steps = args.which, args.grpo_steps
     torch.manual_seed(0)
     torch.set_num_threads(torch.get_num_threads())
     reward = lambda text, _ex: float(text.count(" 7 "))
@@ -303,16 +308,22 @@ def grpo_child(which: str, steps: int):
         prompts = [[int(x) for x in torch.randint(2, 600, (16,))] for _ in range(4)]
         if which.startswith("ours"):
             lora.apply_lora(ours, r=8, alpha=16, targets=("q_proj", "v_proj"))
-            opt = grpo.make_optimizer(ours, 1e-5)
+            params = lora.lora_parameters(ours)
+            opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.99))
             cfg = grpo.GRPOConfig(num_generations=4, max_new_tokens=32, beta=0.0, micro_batch=16,
                                   compile_decode=which == "ours_compiled")
             prof = GradientProfiler(ours)
             gen = torch.Generator().manual_seed(0)
             times = []
-            for i in range(steps + 1):
+            for i in range(steps + 1):  # train.py's GRPO step, one pass
                 t = time.perf_counter()
-                grpo.grpo_step(ours, _CharTokenizer(), opt, [None] * 4, prompts, {"r": reward}, {"r": 1.0}, cfg,
-                               gen, profiler=prof)
+                batch = grpo.rollout(ours, _CharTokenizer(), prompts, [None] * 4, {"r": reward}, {"r": 1.0}, cfg, gen)
+                grpo.reference_logprobs(ours, batch, cfg)
+                opt.zero_grad(set_to_none=True)
+                grpo.backward(ours, batch, cfg)
+                prof.record()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
                 times.append(time.perf_counter() - t)
             print(statistics.median(times[1:]))
             return
@@ -371,9 +382,15 @@ def main(argv=None):
     ap.add_argument("--grpo-steps", type=int, default=8)
     ap.add_argument("--skip", nargs="*", default=[], choices=["sampling", "learn", "memory", "trl"])
     ap.add_argument("--json", help="write the results here")
+    # bench.py runs some measurements in a fresh process of its own (peak memory, whole GRPO steps)
+    ap.add_argument("--child", choices=["cpu-peak", "grpo-step"], help=argparse.SUPPRESS)
+    ap.add_argument("--which", choices=["ours", "ours_ckpt", "peft", "trl", "ours_compiled"], help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if args.child:
+        return cpu_peak_child(args) if args.child == "cpu-peak" else grpo_child(args)
     result = {"shape": args.shape, "device": str(device), "dtype": args.dtype,
               "env": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                       "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
@@ -425,9 +442,7 @@ def main(argv=None):
         else:
             print(f"grpo step vs TRL skipped: {g['skipped']}")
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)
+        rundir.atomic_json(args.json, result)
     return result
 
 

@@ -4,6 +4,10 @@ built or written. train.py runs what this file describes.
 
 Defaults are the study's where it states them (Qwen2.5-1.5B-Instruct, 1000 steps of 4 prompts x 4
 completions, LoRA r=32 on all 7 projections); every other value is a flag whose help says why.
+
+It also resolves what the settings imply before anything is built: the thread count, the profile
+source of proportional/reduced, and the rank pattern. Left out: config files other than a run's own
+config.json (--config), and config inheritance.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ Each drawn token comes with its log-probability under the sampler's own forward 
 sampling dtype), so GRPO can measure, and correct for, any gap between the policy that sampled and
 the policy that learns (grpo.py).
 
+Left out: beam search, repetition penalties, speculative decoding, paged or continuous batching.
+
     from generate import generate
     out, mask, logp = generate(model, prompts, max_new_tokens=512, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                          num_samples=4, temperature=1.0, generator=torch.Generator().manual_seed(0))

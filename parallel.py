@@ -9,6 +9,8 @@ whole batch's loss (the normalisers, sequences and tokens, are summed over ranks
 all-reduce SUM of the LoRA gradients gives every rank exactly the single-process gradient; the
 profiler then records that all-reduced gradient and every rank takes the same optimiser step.
 NCCL on GPUs, gloo on CPUs. Without torchrun (WORLD_SIZE unset) every function here is a no-op.
+
+Left out: model sharding (FSDP, tensor parallelism): the frozen model fits on one device.
 """
 
 from __future__ import annotations

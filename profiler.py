@@ -28,6 +28,8 @@ like s·√r, so a raw norm partly measures the rank and the scale policy themse
 alpha ∝ r: r^+0.5, rsLoRA: flat). The normalised view divides each matrix's norm by its module's s·√r
 before combining. The tables name each run's scale policy, since the raw rank~shift sign depends on it.
 
+Left out: per-token or per-sample gradients, and the gradients of the frozen weights (they have none).
+
     python profiler.py RUN_DIR [RUN_DIR ...] [--plot FILE.png]
 """
 

@@ -14,6 +14,8 @@ the same problems, or it refuses) and gives McNemar's exact test
 (a binomial test on the problems exactly one of them solved) and a paired bootstrap 95% interval of
 the accuracy difference. On 200 problems a 4.5-point gap such as the study's 74.5% vs 70.0% is 9
 problems, and is only significant when the two runs disagree on few problems.
+
+Left out: corrections for multiple comparisons (each arm is compared with uniform alone).
 """
 
 from __future__ import annotations

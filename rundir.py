@@ -15,6 +15,9 @@ Every file is written to a temporary name and renamed (`atomic_write`), so a cra
 version whole. train.py, report.py, profiler.py and allocate.py name these files through this module
 only. Readers raise ValueError or OSError naming the file (and line); command lines turn those into
 one-line errors.
+
+Left out: what the files mean (profiler.py, evaluate.py, checkpoint.py) and locking between writers:
+only one process (rank 0) writes a run folder.
 """
 
 from __future__ import annotations
