@@ -12,10 +12,13 @@
     python report.py runs/*                               # the study's results table + gradient statistics
 
 This is the only file that wires the others together: model.py loads Qwen2, lora.py adapts it with
-the ranks allocate.py computes, grpo.py trains it on gsm8k.py's prompts and rewards, profiler.py
-records every adapter's gradient. A run folder holds everything needed to audit or reproduce it:
+the ranks allocate.py computes, grpo.py (or sft.py) gives the loss on gsm8k.py's prompts and rewards,
+profiler.py records every adapter's gradient, evaluate.py scores the result and checkpoint.py keeps
+what --resume needs. The loop, train(), shows every phase of a step in order. A run folder holds everything needed to audit or reproduce it:
 config.json (every setting, resolved), ranks.json, metrics.jsonl, the gradient profile, periodic and
 final evaluation records, the adapter in PEFT format, checkpoint.pt and results.json.
+
+Left out: what each phase computes (the modules named above); gradient accumulation across steps.
 """
 
 from __future__ import annotations
@@ -277,7 +280,7 @@ def train(run: Run, stop_after: int | None) -> bool:
                 grpo.reference_logprobs(model, batch, gcfg)  # adapters off: the KL's anchor
             else:  # SFT: the reference solutions, one pass
                 batch, m, passes = sft.sft_batch(run.tok, examples, run.device), {}, 1
-            t_learn = time.perf_counter()
+            t_learn, m["lr"] = time.perf_counter(), opt.param_groups[0]["lr"]  # the rate this step uses
             for it in range(passes):
                 opt.zero_grad(set_to_none=True)
                 m |= grpo.backward(model, batch, gcfg, first=it == 0) if cfg.algo == "grpo" else \
@@ -288,9 +291,9 @@ def train(run: Run, stop_after: int | None) -> bool:
                 clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
                 m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))
                 opt.step()
-                run.sched.step()
+            run.sched.step()  # once per step: the schedule counts steps, as --steps and --warmup-steps do
             opt.zero_grad(set_to_none=True)
-            m["lr"], m["time_learn"] = opt.param_groups[0]["lr"], time.perf_counter() - t_learn
+            m["time_learn"] = time.perf_counter() - t_learn
             run.step += 1
             if cfg.strategy == "dynamic" and dynamic.should_move(run.step, run.dynamic_cfg):
                 m["moved_ranks"] = dynamic.reallocate(model, run.profiler, opt, budget=run.rank_info["budget"],

@@ -89,8 +89,8 @@ def learn(model, batch, cfg, optimizer, scheduler=None, profiler=None, max_grad_
             profiler.record()
         stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf))
         optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return stats
 
@@ -101,9 +101,8 @@ def grpo_step(model, tokenizer, optimizer, examples, prompts, reward_fns, weight
     import grpo
     batch = grpo.rollout(model, tokenizer, prompts, examples, reward_fns, weights, cfg, generator)
     metrics = grpo.rollout_metrics(batch, list(reward_fns), cfg.num_generations)
-    metrics |= learn(model, batch, cfg, optimizer, scheduler, profiler)
     metrics["lr"] = optimizer.param_groups[0]["lr"]
-    return metrics
+    return metrics | learn(model, batch, cfg, optimizer, scheduler, profiler)
 
 
 def adamw(model, lr):

@@ -452,3 +452,49 @@ def test_the_loop_profiles_the_whole_batchs_gradient_once_per_step_before_clippi
             np.testing.assert_allclose(total.numpy(), logged, rtol=1e-5)
             assert min(logged) > 1e-3  # far above the clip: the profile is not the clipped gradient
     np.testing.assert_allclose(rows["mb16"][0].numpy(), rows["mb3"][0].numpy(), rtol=1e-4, atol=1e-9)
+
+
+def test_the_imports_go_one_way_as_the_readme_says():
+    """Each module's project imports, as README's reading guide describes them: the task (gsm8k.py)
+    imports nothing, only train.py wires everything, and nothing imports train.py."""
+    import ast
+    import glob
+    expected = {
+        "model": [], "gsm8k": [], "parallel": [], "rundir": [], "generate": ["model"], "lora": ["rundir"],
+        "evaluate": ["generate", "gsm8k"], "grpo": ["generate", "lora", "model", "parallel"],
+        "sft": ["gsm8k", "model", "parallel"], "profiler": ["lora", "rundir"], "allocate": ["rundir"],
+        "dynamic": ["allocate", "lora", "profiler"], "checkpoint": ["lora", "rundir"],
+        "config": ["allocate", "grpo", "lora", "model", "rundir", "tiny"], "tiny": ["gsm8k", "model", "sft"],
+        "report": ["profiler", "rundir"], "bench": ["generate", "grpo", "lora", "model", "profiler", "rundir"],
+    }
+    files = sorted(glob.glob(os.path.join(ROOT, "*.py")))
+    names = {os.path.basename(f)[:-3] for f in files}
+    for f in files:
+        name = os.path.basename(f)[:-3]
+        deps = set()
+        for node in ast.walk(ast.parse(open(f).read())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                deps.add(node.module)
+        deps = sorted(deps & names)
+        if name == "train":
+            assert "train" not in deps
+            continue
+        assert name in expected, f"{name}.py is new: add it to README's reading guide and to this test"
+        assert deps == expected[name], (name, deps)
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(tmp_path):
+    """Warm-up then cosine, counted in steps whatever --num-iterations is: the logged lr of step s is
+    lr x factor(s - 1). Logging the rate after the scheduler step, or stepping the schedule on every pass,
+    fails here."""
+    import math
+    run(["--preset", "tiny", "--steps", "5", "--warmup-steps", "2", "--lr-schedule", "cosine", "--lr", "1e-3",
+         "--num-iterations", "2", "--eval-n", "4", "--eval-every", "0", "--out", "runs/lr"], tmp_path)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "runs/lr/metrics.jsonl").open()]
+
+    def factor(s):
+        return (s + 1) / 2 if s < 2 else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - 2) / 3))
+
+    np.testing.assert_allclose(logged, [1e-3 * factor(s) for s in range(5)], rtol=1e-12)
