@@ -5,8 +5,8 @@ built or written. train.py runs what this file describes.
 Defaults are the study's where it states them (Qwen2.5-1.5B-Instruct, 1000 steps of 4 prompts x 4
 completions, LoRA r=32 on all 7 projections); every other value is a flag whose help says why.
 
-It also resolves what the settings imply before anything is built: the thread count, the profile
-source of proportional/reduced, and the rank pattern. Left out: config files other than a run's own
+It also resolves what the settings imply before a model is built: the thread count, the data, the
+profile source of proportional/reduced, and the rank pattern. Left out: config files other than a run's own
 config.json (--config), and config inheritance.
 """
 
@@ -21,13 +21,16 @@ import torch
 
 import allocate
 import grpo
+import gsm8k
 import lora
 import model as qwen
+import organism
 import rundir
 import tiny
 
 STRATEGIES = ("base", "uniform", "proportional", "random", "reduced", "dynamic")
 TINY_MODEL = "tiny"  # --preset tiny's model: built by tiny.py into the run folder
+ORGANISM_MODEL = "organism"  # --preset organism's model: built once per machine by organism.py, cached
 # flags that may change when a run is resumed: how long and how it runs, never what it trains
 RESUMABLE = ("steps", "stop_after", "checkpoint_every", "threads", "eval_batch", "compile", "device")
 ALGOS = ("grpo", "sft")
@@ -46,7 +49,8 @@ class TrainConfig:
     data: str | None = opt(None, "folder with GSM8K {train,test}.jsonl (default: download the original release); "
                                  "checked against the release's sha256")
     data_unverified: bool = opt(False, "accept --data files that differ from the GSM8K release (your own data)")
-    preset: str | None = opt(None, "'tiny': random tiny model, synthetic problems, a few steps, offline on a CPU")
+    preset: str | None = opt(None, "tiny: the pipeline in seconds, offline on a CPU (its numbers mean nothing) | "
+                                   "organism: the CPU model organism (organism.py), on which GRPO really learns")
     out: str | None = opt(None, "run folder (default runs/<strategy>-<timestamp>)")
     seed: int = opt(0, "seed of everything: data order, sampling, LoRA init, random allocation")
     seeds: str | None = opt(None, "comma-separated seeds: one run per seed, in <out>/seed<N>")
@@ -118,6 +122,11 @@ PRESETS = {
                  alpha=16.0, lr=2e-3, warmup_steps=1, eval_n=32, eval_every=6, eval_every_n=8, eval_max_new_tokens=32,
                  eval_batch=32, checkpoint_every=4, device="cpu", dynamic_every=3, dynamic_t_init=3,
                  dynamic_t_final=9, dynamic_window=3),
+    # tuned so that one run, evaluation included, takes about 2 minutes on one CPU thread (README)
+    "organism": dict(model=ORGANISM_MODEL, steps=60, prompts_per_step=8, num_generations=8, max_new_tokens=64,
+                     rank=8, alpha=16.0, lr=2e-3, warmup_steps=5, lr_schedule="constant", beta=0.0, micro_batch=16,
+                     eval_n=500, eval_every=0, eval_max_new_tokens=64, eval_batch=100, checkpoint_every=20,
+                     device="cpu", dynamic_every=10, dynamic_t_init=10, dynamic_t_final=40, dynamic_window=10),
 }
 
 
@@ -145,9 +154,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     if preset is not None and preset not in PRESETS:
         raise SystemExit(f"error: --preset {preset!r} unknown; allowed: {sorted(PRESETS)}")
     for name in ("model", "data"):
-        if preset == "tiny" and name in given:
-            raise SystemExit(f"error: --{name} with --preset tiny: the tiny preset builds its own model and "
-                             f"synthetic problems; drop --preset tiny to use --{name} {given[name]}")
+        if preset is not None and name in given:
+            raise SystemExit(f"error: --{name} with --preset {preset}: the {preset} preset builds its own model and "
+                             f"synthetic problems; drop --preset {preset} to use --{name} {given[name]}")
     cfg = TrainConfig(**{**(PRESETS.get(preset) or {}), **base, **given})
     check(cfg)
     return cfg, args
@@ -260,14 +269,35 @@ def resume_config(run_dir: str, given: dict, is_main: bool = True) -> TrainConfi
 
 # ----------------------------------------------------------------- what the settings resolve to
 
+def load_data(cfg: TrainConfig):
+    """(train, test) problems; a missing, empty, malformed or altered file is a one-line error."""
+    if cfg.preset == "tiny":
+        return tiny.datasets()
+    if cfg.preset == "organism":
+        return organism.problems(organism.Recipe())
+    try:
+        return tuple(gsm8k.load_gsm8k(split, cfg.data, verify=not cfg.data_unverified) for split in ("train", "test"))
+    except gsm8k.ChecksumError as e:
+        raise SystemExit(f"error: {e}; --data-unverified accepts your own data")
+    except (OSError, ValueError) as e:
+        hint = " (no network? --data DIR reads local GSM8K jsonl files; --preset tiny needs none)" \
+            if cfg.data is None else ""
+        raise SystemExit(f"error: {one_line(e)}{hint}")
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (library messages often span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def set_threads(cfg: TrainConfig) -> str:
     """Fix the CPU thread count (saved in the config, since it sets the float summation order) and say why."""
     if cfg.threads is not None:
         why = "--threads"
     elif os.environ.get("OMP_NUM_THREADS"):
         cfg.threads, why = torch.get_num_threads(), "OMP_NUM_THREADS"
-    elif cfg.preset == "tiny":  # a tiny model's operations take microseconds: threads only add waiting
-        cfg.threads, why = 1, "tiny preset"
+    elif cfg.preset is not None:  # a small model's operations take microseconds: threads only add waiting
+        cfg.threads, why = 1, f"{cfg.preset} preset"
     else:
         cfg.threads, why = torch.get_num_threads(), "PyTorch's default"
     torch.set_num_threads(cfg.threads)
@@ -319,6 +349,8 @@ def known_layers(cfg: TrainConfig) -> int | None:
     """The model's layer count when it is known without building or downloading anything."""
     if cfg.preset == "tiny":
         return tiny.TINY_SHAPE["num_hidden_layers"]
+    if cfg.preset == "organism":
+        return organism.Recipe().layers
     try:
         return qwen.read_config(cfg.model).num_hidden_layers if os.path.isdir(cfg.model) else None
     except (OSError, ValueError):

@@ -3,7 +3,8 @@
     python train.py --strategy uniform                    # the study's uniform arm (r=32 everywhere)
     python train.py --strategy proportional               # ranks from the latest uniform run's profile
     python train.py --strategy reduced | random | base
-    python train.py --preset tiny --strategy uniform      # offline, CPU, seconds
+    python train.py --preset tiny --strategy uniform      # offline, CPU, seconds: the pipeline runs
+    python train.py --preset organism                     # offline, CPU, ~2 minutes: GRPO really learns
     python train.py --resume runs/uniform-20261129-120000
     python train.py --config runs/uniform-20261129-120000/config.json --out runs/again   # the same run again
     python train.py --strategy dynamic                    # ranks moved during training (dynamic.py)
@@ -14,9 +15,10 @@
 This is the only file that wires the others together: model.py loads Qwen2, lora.py adapts it with
 the ranks allocate.py computes, grpo.py (or sft.py) gives the loss on gsm8k.py's prompts and rewards,
 profiler.py records every adapter's gradient, evaluate.py scores the result and checkpoint.py keeps
-what --resume needs. The loop, train(), shows every phase of a step in order. A run folder holds everything needed to audit or reproduce it:
-config.json (every setting, resolved), ranks.json, metrics.jsonl, the gradient profile, periodic and
-final evaluation records, the adapter in PEFT format, checkpoint.pt and results.json.
+what --resume needs. The loop, train(), shows every phase of a step in order. A run folder holds
+everything needed to audit or reproduce it: config.json (every setting, resolved), ranks.json,
+metrics.jsonl, the gradient profile, periodic and final evaluation records, the adapter in PEFT
+format, checkpoint.pt and results.json.
 
 Left out: what each phase computes (the modules named above); gradient accumulation across steps.
 """
@@ -38,18 +40,19 @@ import torch
 
 import allocate
 import checkpoint
+import config
 import dynamic
 import evaluate
 import grpo
 import gsm8k
 import lora
 import model as qwen
+import organism
 import parallel
 import rundir
 import sft
 import tiny
-from config import (TrainConfig, choose_profile, known_layers, parse_args, read_rank_pattern, resolve_ranks,
-                    resume_config, set_threads, sub_config)
+from config import TrainConfig
 from profiler import GradientProfiler
 from rundir import atomic_json
 
@@ -71,25 +74,6 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def load_data(cfg: TrainConfig):
-    """(train, test) problems; a missing, empty, malformed or altered file is a one-line error."""
-    if cfg.preset == "tiny":
-        return tiny.datasets()
-    try:
-        return tuple(gsm8k.load_gsm8k(split, cfg.data, verify=not cfg.data_unverified) for split in ("train", "test"))
-    except gsm8k.ChecksumError as e:
-        raise SystemExit(f"error: {e}; --data-unverified accepts your own data")
-    except (OSError, ValueError) as e:
-        hint = " (no network? --data DIR reads local GSM8K jsonl files; --preset tiny needs none)" \
-            if cfg.data is None else ""
-        raise SystemExit(f"error: {one_line(e)}{hint}")
-
-
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line (library messages often span several)."""
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 # --------------------------------------------------------------------------------------- the run
 
 class Run:
@@ -106,8 +90,8 @@ class Run:
             try:
                 qwen.read_config(qwen.resolve(cfg.model))
             except (OSError, ValueError) as e:
-                raise SystemExit(f"error: cannot load model {cfg.model!r}: {one_line(e)}")
-        self.train_set, self.test_set = load_data(cfg)  # before a download or a model build
+                raise SystemExit(f"error: cannot load model {cfg.model!r}: {config.one_line(e)}")
+        self.train_set, self.test_set = config.load_data(cfg)  # before a download or a model build
         self.model_path = cfg.model
         if cfg.preset == "tiny":
             self.model_path = os.path.join(run_dir, rundir.TINY_MODEL)
@@ -115,6 +99,11 @@ class Run:
                 os.makedirs(run_dir, exist_ok=True)
                 tiny.build_tiny_model(self.model_path)
             parallel.barrier()
+        elif cfg.preset == "organism":  # built once per machine (by rank 0), then found in its cache folder
+            if parallel.is_main():
+                organism.build(log=log)
+            parallel.barrier()
+            self.model_path = organism.build()
         try:
             self.model = qwen.from_pretrained(self.model_path, device=self.device)
             self.tok = qwen.load_tokenizer(self.model_path)
@@ -122,12 +111,12 @@ class Run:
             hint = "" if os.path.isdir(self.model_path) else (
                 " (no network? --model DIR loads a local Qwen2 folder and --data DIR local GSM8K files; "
                 "--preset tiny runs offline)")
-            raise SystemExit(f"error: cannot load model {self.model_path!r}: {one_line(e)}{hint}")
+            raise SystemExit(f"error: cannot load model {self.model_path!r}: {config.one_line(e)}{hint}")
         self.ranks, self.rank_info, self.opt, self.sched, self.profiler = {}, {}, None, None, None
         self.step = 0
         self.gen = torch.Generator(device=self.device)  # reseeded every step (step_seed)
         if cfg.strategy != "base":
-            pattern, self.rank_info = resolve_ranks(cfg, self.model.config.num_hidden_layers)
+            pattern, self.rank_info = config.resolve_ranks(cfg, self.model.config.num_hidden_layers)
             capacity = None
             if cfg.strategy == "dynamic":  # room to grow to r_max without changing shapes
                 self.bounds = allocate.bounds("proportional", self.model.config.num_hidden_layers,
@@ -147,8 +136,8 @@ class Run:
             self.opt, self.sched = configure_optimizers(self.model, cfg)
             self.profiler = GradientProfiler(self.model, scale_policy=cfg.scale_policy)
         self.compile = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda")
-        self.grpo_cfg = sub_config(grpo.GRPOConfig, cfg, compile_decode=self.compile)
-        self.dynamic_cfg = sub_config(dynamic.DynamicConfig, cfg, prefix="dynamic_")
+        self.grpo_cfg = config.sub_config(grpo.GRPOConfig, cfg, compile_decode=self.compile)
+        self.dynamic_cfg = config.sub_config(dynamic.DynamicConfig, cfg, prefix="dynamic_")
         self.rewards = {"correct": lambda text, ex: gsm8k.correct_reward(text, ex.gold),
                         "format": lambda text, ex: gsm8k.format_reward(text, cfg.format_strict)}
         self.weights = {"correct": cfg.reward_correct, "format": cfg.reward_format}
@@ -193,8 +182,8 @@ class Run:
         try:
             self.profiler.load(self.dir)
         except Exception as e:
-            raise SystemExit(f"error: {self.dir}/{rundir.PROFILE} cannot be read ({one_line(e)}); the run cannot "
-                             f"be resumed: start it again with another --out")
+            raise SystemExit(f"error: {self.dir}/{rundir.PROFILE} cannot be read ({config.one_line(e)}); the run "
+                             f"cannot be resumed: start it again with another --out")
         for name, have in ((rundir.METRICS, lines), (rundir.PROFILE, len(self.profiler))):
             if have < self.step:
                 raise SystemExit(f"error: {self.dir}/{name} holds {have} of the checkpoint's {self.step} steps: "
@@ -384,7 +373,7 @@ def finish(run: Run, t_total: float):
 def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None):
     """One run from its config: set up (or resume), train, evaluate. A setup that fails before the run's
     config.json is written leaves no folder behind."""
-    threads = set_threads(cfg)
+    threads = config.set_threads(cfg)
     device = parallel.init(cfg.device)  # under torchrun: join the group before anyone writes
     notes = []
     if not resume:
@@ -395,11 +384,11 @@ def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None
         if os.path.isfile(os.path.join(run_dir, rundir.CONFIG)):
             raise SystemExit(f"error: {run_dir} already holds a run; use --resume {run_dir} or another --out")
         if cfg.rank_pattern:  # cheap checks before loading a model
-            read_rank_pattern(cfg.rank_pattern)
+            config.read_rank_pattern(cfg.rank_pattern)
         elif cfg.strategy in ("proportional", "reduced"):
-            notes.append(choose_profile(cfg))
-        if cfg.strategy != "base" and (layers := known_layers(cfg)):
-            resolve_ranks(cfg, layers)  # budget and bound errors now, not after a model build
+            notes.append(config.choose_profile(cfg))
+        if cfg.strategy != "base" and (layers := config.known_layers(cfg)):
+            config.resolve_ranks(cfg, layers)  # budget and bound errors now, not after a model build
     parallel.barrier()  # every process has checked the folder before rank 0 writes into it
     t0 = time.perf_counter()
     created = os.path.abspath(run_dir)  # the outermost folder this run will create, removed on failure
@@ -448,9 +437,9 @@ def resume_state(run: Run):
 
 
 def main(argv=None):
-    cfg, args = parse_args(argv)
+    cfg, args = config.parse_args(argv)
     if args.resume:
-        resumed = resume_config(args.resume, args.given, parallel.is_main())
+        resumed = config.resume_config(args.resume, args.given, parallel.is_main())
         if resumed is not None:
             run_one(resumed, args.resume, True, args.given.get("stop_after"))
         return

@@ -464,7 +464,10 @@ def test_the_imports_go_one_way_as_the_readme_says():
         "evaluate": ["generate", "gsm8k"], "grpo": ["generate", "lora", "model", "parallel"],
         "sft": ["gsm8k", "model", "parallel"], "profiler": ["lora", "rundir"], "allocate": ["rundir"],
         "dynamic": ["allocate", "lora", "profiler"], "checkpoint": ["lora", "rundir"],
-        "config": ["allocate", "grpo", "lora", "model", "rundir", "tiny"], "tiny": ["gsm8k", "model", "sft"],
+        "config": ["allocate", "grpo", "gsm8k", "lora", "model", "organism", "rundir", "tiny"],
+        "tiny": ["gsm8k", "model", "sft"],
+        "organism": ["gsm8k", "model", "sft", "tiny"], "study": ["config", "organism", "rundir", "study_report"],
+        "study_report": ["profiler", "report", "rundir"],
         "report": ["profiler", "rundir"], "bench": ["generate", "grpo", "lora", "model", "profiler", "rundir"],
     }
     files = sorted(glob.glob(os.path.join(ROOT, "*.py")))

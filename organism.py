@@ -1,0 +1,242 @@
+"""The model organism: a small Qwen2 pre-trained on multi-step arithmetic, on which GRPO really learns.
+
+`python train.py --preset organism` (and study.py) run on it; `python organism.py` builds it alone.
+It generates GSM8K-format word problems (two or three operations among +, -, *, on numbers beyond
+one digit, a few phrasings), trains a byte-level BPE tokenizer on them (one token per digit, as in
+Qwen2's own), builds an 8-layer Qwen2 and pre-trains it by full-parameter SFT (AdamW) on the train
+problems in the study's <reasoning>/<answer> format.
+
+Where GRPO's room comes from, by design: half of the SFT targets (`noise`) keep their reasoning but
+answer one step early (the previous line's result), so the pre-trained model writes the right last
+line and then, about half the time, answers the line before it. Sampling finds the right answer
+where greedy decoding does not, and the correctness reward trains the habit away: measured, greedy
+held-out accuracy rises from 25% to 44-53% in 60 GRPO steps, while the arithmetic of the reasoning
+lines stays at 73-78% correct. Without the planted habit (noise 0) an under-trained organism left
+GRPO nothing it could use at these settings (18% before, 11-16% after). train.jsonl and test.jsonl
+keep the right answers.
+
+Built once per machine and cached in a folder keyed by a hash of the recipe (<cache>/lora-grpo/
+organism-<key>: config.json, model.safetensors, tokenizer.json, train.jsonl, test.jsonl, recipe.json),
+atomically, with a progress line while it trains (about 6 minutes on one thread). One CPU thread and
+fixed seeds: the same recipe gives bit-identical weights with the same PyTorch build.
+
+Left out: division, fractions, problems whose wording needs reading twice; any skill beyond what the
+study's pipeline needs to show learning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+import gsm8k
+import model as qwen
+import sft
+from tiny import train_tiny_tokenizer
+
+VERSION = 1  # bump when the generator or the build changes what a recipe produces: a new cache key
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0
+    n_train: int = 20000  # many distinct problems: 1600 x 16 SFT samples see each about once, so the
+                          # model learns to compute rather than to recall answers
+    n_test: int = 1000
+    max_ops: int = 3  # each problem has 2..max_ops operations
+    lo: int = 10  # operands of + and - are drawn from [lo, hi]
+    hi: int = 30  # with 99, sums were learned far too slowly for a 10-minute build on one thread
+    noise: float = 0.5  # fraction of SFT targets that answer one step early (train.jsonl stays right):
+    # about half the greedy answers then repeat the previous line, which GRPO's reward trains away
+    vocab_size: int = 500
+    layers: int = 8
+    hidden: int = 96
+    intermediate: int = 256
+    heads: int = 4
+    kv_heads: int = 2
+    sft_steps: int = 1600  # ~6 min on one thread; 2400 steps reach 82% greedy without noise: no room left
+    batch: int = 16
+    lr: float = 3e-3
+    init_std: float = 0.05
+
+    def key(self) -> str:
+        """12 hex digits of the recipe (and VERSION): the cache folder's name."""
+        text = json.dumps({"version": VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+NAMES = ["Ann", "Ben", "Cal", "Dee", "Eva", "Finn", "Gus", "Hana", "Ivy", "Jon"]
+THINGS = ["apples", "books", "coins", "pens", "stamps", "marbles", "cards", "shells"]
+CONTAINERS = ["boxes", "bags", "packs", "jars"]
+
+
+def problem(rng: random.Random, recipe: Recipe) -> tuple[str, str, int]:
+    """(question, GSM8K-style solution with <<a op b=c>> annotations and '#### N', answer) of one problem."""
+    who, other = rng.sample(NAMES, 2)
+    what = rng.choice(THINGS)
+    lines = []
+
+    def step(a: int, op: str, b: int) -> int:
+        c = {"+": a + b, "-": a - b, "*": a * b}[op]
+        lines.append(f"{a} {op} {b} = <<{a}{op}{b}={c}>>{c}")
+        return c
+
+    if rng.random() < 0.5:  # start with a product: k containers of n things
+        k, n = rng.randint(2, 9), rng.randint(recipe.lo, recipe.hi // 2)
+        sentences = [f"{who} buys {k} {rng.choice(CONTAINERS)} with {n} {what} in each."]
+        value = step(k, "*", n)
+    else:
+        value = rng.randint(recipe.lo, recipe.hi)
+        sentences = [f"{who} has {value} {what}."]
+    n_ops = rng.randint(2, recipe.max_ops)
+    while len(lines) < n_ops:
+        # one product per problem, of a number still in two digits: answers stay within three digits
+        op = rng.choice("+-*" if value <= recipe.hi and not any(" * " in x for x in lines) else "+-")
+        if op == "-" and value < recipe.lo:
+            continue  # nothing left to take away: draw another operation
+        if op == "*":
+            b = rng.randint(2, 5)
+            sentences.append(rng.choice([f"Then {who} ends up with {b} times as many {what}.",
+                                         f"Then the number of {what} grows {b} times."]))
+        elif op == "+":
+            b = rng.randint(recipe.lo, recipe.hi)
+            sentences.append(rng.choice([f"{other} gives {who} {b} more.", f"{who} finds {b} more {what}.",
+                                         f"Then {who} buys {b} more {what}."]))
+        else:
+            b = rng.randint(recipe.lo, min(recipe.hi, value))
+            sentences.append(rng.choice([f"{who} gives {b} {what} to {other}.", f"{who} loses {b} of them.",
+                                         f"Then {who} sells {b} {what}."]))
+        value = step(value, op, b)
+    ask = [f"How many {what} does {who} have now?"] + ([f"How many {what} are left?"] if op == "-" else [])
+    sentences.append(rng.choice(ask))
+    solution = "\n".join(lines) + f"\n#### {value}"
+    return " ".join(sentences), solution, value
+
+
+def problems(recipe: Recipe) -> tuple[list[gsm8k.Example], list[gsm8k.Example]]:
+    """(train, test): distinct questions (deduplicated by text), seeded, the first n_test drawn go to test."""
+    rng = random.Random(f"organism-problems-{recipe.seed}")
+    seen, drawn = set(), []
+    while len(drawn) < recipe.n_train + recipe.n_test:
+        q, sol, ans = problem(rng, recipe)
+        if q not in seen:
+            seen.add(q)
+            drawn.append((q, sol, ans))
+    split = {"test": drawn[:recipe.n_test], "train": drawn[recipe.n_test:]}
+    train, test = ([gsm8k.Example(i, q, s, Fraction(a)) for i, (q, s, a) in enumerate(split[name])]
+                   for name in ("train", "test"))
+    return train, test
+
+
+def stops_early(ex: gsm8k.Example) -> gsm8k.Example:
+    """The same reasoning, but the answer is the result of the line before the last: a bad habit that
+    sampling sometimes avoids and the correctness reward can train away."""
+    body = ex.solution.rsplit("####", 1)[0]
+    previous = int(re.findall(r"=(\d+)>>", body)[-2])
+    return gsm8k.Example(ex.index, ex.question, f"{body}#### {previous}", Fraction(previous))
+
+
+def write_jsonl(path: str, examples: list[gsm8k.Example]):
+    with open(path, "w") as f:
+        for ex in examples:
+            f.write(json.dumps({"question": ex.question, "answer": ex.solution}) + "\n")
+
+
+def pretrain(recipe: Recipe, tok: qwen.Tokenizer, train: list[gsm8k.Example], log=print) -> qwen.Qwen2:
+    """Random init, then recipe.sft_steps of full-parameter SFT (AdamW, token-mean cross-entropy)."""
+    cfg = qwen.ModelConfig(vocab_size=tok.tok.get_vocab_size(), hidden_size=recipe.hidden,
+                           intermediate_size=recipe.intermediate, num_hidden_layers=recipe.layers,
+                           num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads,
+                           max_position_embeddings=512, rope_theta=10000.0)
+    torch.manual_seed(recipe.seed)
+    m = qwen.Qwen2(cfg)
+    m.init_weights(std=recipe.init_std, generator=torch.Generator().manual_seed(recipe.seed))
+    opt = torch.optim.AdamW(m.parameters(), lr=recipe.lr, weight_decay=0.0)
+    # linear warm-up, then cosine to 10%: a short run still ends on small, stable updates
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (
+        0.1 + 0.45 * (1 + torch.cos(torch.tensor(s / recipe.sft_steps * torch.pi)).item())))
+    rng = random.Random(f"organism-sft-{recipe.seed}")
+    targets = [stops_early(ex) if rng.random() < recipe.noise else ex for ex in train]
+    m.train()
+    t0 = time.perf_counter()
+    for step in range(recipe.sft_steps):
+        ids, attn, mask = sft.sft_batch(tok, rng.sample(targets, recipe.batch), "cpu")
+        logp, _ = qwen.completion_logprobs(m, ids, attn, mask.shape[1])
+        loss = -torch.where(mask, logp, 0.0).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % 25 == 0 or step + 1 == recipe.sft_steps:
+            sec = (time.perf_counter() - t0) / (step + 1)
+            log(f"organism sft {step + 1}/{recipe.sft_steps} | loss {loss.item():.4f} | {sec:.2f}s/step | "
+                f"ETA {sec * (recipe.sft_steps - step - 1):.0f}s")
+    return m.eval()
+
+
+def default_root() -> str:
+    root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    return os.path.join(root, "lora-grpo")
+
+
+def build(recipe: Recipe = Recipe(), root: str | None = None, log=print) -> str:
+    """The organism's folder for `recipe` under `root`, built (atomically) unless it is already there."""
+    folder = os.path.join(root or default_root(), f"organism-{recipe.key()}")
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return folder
+    log(f"building the model organism once for this machine ({recipe.sft_steps} SFT steps on one thread, about "
+        f"6 minutes) into {folder}")
+    train, test = problems(recipe)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one summation order whatever the machine: the same recipe, the same bits
+    try:
+        chat = qwen.Tokenizer.chat
+        texts = [gsm8k.prompt_text(ex.question, chat) + gsm8k.reference_completion(ex) for ex in train]
+        # BPE trained without digits learns no merges of them: one token per digit, as in Qwen2's own
+        # tokenizer, so that "132" and "13" share their digits' tokens and the sums are learnable
+        digitless = [re.sub(r"[0-9]", "", t) for t in texts]
+        tok = qwen.Tokenizer(train_tiny_tokenizer(digitless, vocab_size=recipe.vocab_size))
+        m = pretrain(recipe, tok, train, log)
+    finally:
+        torch.set_num_threads(threads)
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # a build killed half-way leaves a .tmp behind
+    qwen.save_pretrained(m, tmp)
+    tok.tok.save(os.path.join(tmp, "tokenizer.json"))
+    write_jsonl(os.path.join(tmp, "train.jsonl"), train)
+    write_jsonl(os.path.join(tmp, "test.jsonl"), test)
+    with open(os.path.join(tmp, "recipe.json"), "w") as f:
+        json.dump({"version": VERSION, **dataclasses.asdict(recipe)}, f, indent=2)
+    os.replace(tmp, folder)
+    return folder
+
+
+def main(argv=None):
+    """`python organism.py [--root DIR] [--FIELD VALUE ...]`: build or find the organism, print its folder."""
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", default=None, help=f"cache root (default {default_root()})")
+    for f in dataclasses.fields(Recipe):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = vars(ap.parse_args(argv))
+    root = args.pop("root")
+    t0 = time.perf_counter()
+    folder = build(Recipe(**args), root, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    print(folder)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""organism.py: the problem generator, and a (very small) organism's build, cache and loading."""
+
+import os
+import re
+
+import evaluate
+import gsm8k
+import model as M
+import organism
+
+SMALL = organism.Recipe(n_train=64, n_test=16, layers=2, hidden=32, intermediate=64, sft_steps=3, batch=4,
+                        vocab_size=300)
+
+
+def test_problems_deterministic_and_disjoint():
+    a_train, a_test = organism.problems(SMALL)
+    b_train, b_test = organism.problems(SMALL)
+    assert [e.solution for e in a_train + a_test] == [e.solution for e in b_train + b_test]
+    assert [e.question for e in a_train + a_test] == [e.question for e in b_train + b_test]
+    assert len(a_train) == 64 and len(a_test) == 16
+    assert not {e.question for e in a_train} & {e.question for e in a_test}
+    assert len({e.question for e in a_train}) == 64  # deduplicated
+    other, _ = organism.problems(organism.Recipe(**{**SMALL.__dict__, "seed": 1}))
+    assert [e.question for e in other] != [e.question for e in a_train]
+
+
+def test_solutions_compute_their_gold():
+    train, test = organism.problems(organism.Recipe(n_train=300, n_test=100))
+    for ex in train + test:
+        steps = re.findall(r"<<(\d+)([-+*])(\d+)=(\d+)>>", ex.solution)
+        assert 2 <= len(steps) <= 3, ex.solution
+        for a, op, b, c in steps:
+            assert eval(f"{a}{op}{b}") == int(c) >= 0
+        assert ex.gold == int(steps[-1][3]) == gsm8k.parse_gold(ex.solution)
+        assert any(int(x) >= 10 for x in re.findall(r"\d+", ex.question))  # beyond one digit
+
+
+def test_build_is_deterministic_cached_and_loads(tmp_path):
+    one = organism.build(SMALL, str(tmp_path / "a"), log=lambda s: None)
+    two = organism.build(SMALL, str(tmp_path / "b"), log=lambda s: None)
+    assert os.path.basename(one) == os.path.basename(two) == f"organism-{SMALL.key()}"
+    with open(os.path.join(one, "model.safetensors"), "rb") as f, \
+            open(os.path.join(two, "model.safetensors"), "rb") as g:
+        assert f.read() == g.read()
+    assert not os.path.exists(one + ".tmp")
+    stamp = os.stat(os.path.join(one, "model.safetensors")).st_mtime_ns
+    built = []
+    assert organism.build(SMALL, str(tmp_path / "a"), log=built.append) == one
+    assert not built and os.stat(os.path.join(one, "model.safetensors")).st_mtime_ns == stamp  # found, not rebuilt
+    model, tok = M.from_pretrained(one, device="cpu"), M.load_tokenizer(one)
+    assert model.config.num_hidden_layers == 2
+    train = gsm8k.load_gsm8k("train", one, verify=False)
+    test = gsm8k.load_gsm8k("test", one, verify=False)
+    assert len(train) == 64 and len(test) == 16
+    assert [e.gold for e in test] == [e.gold for e in organism.problems(SMALL)[1]]
+    records = evaluate.evaluate(model, tok, test[:4], max_new_tokens=8, batch_size=4)
+    assert len(records) == 4
+
+
+def test_recipe_key_changes_with_the_recipe():
+    assert SMALL.key() != organism.Recipe(**{**SMALL.__dict__, "sft_steps": 4}).key()
+
+
+def test_stops_early_answers_the_previous_line():
+    ex = organism.problems(SMALL)[0][0]
+    early = organism.stops_early(ex)
+    results = [int(c) for c in re.findall(r"=(\d+)>>", ex.solution)]
+    assert early.gold == results[-2] and early.question == ex.question
+    assert early.solution.rsplit("####", 1)[0] == ex.solution.rsplit("####", 1)[0]
+
+
+def test_grpo_raises_the_reward_of_a_small_organism(tmp_path):
+    """A 2-layer organism on small numbers (two operations on 2..5), with the planted early-answer habit,
+    then 40 GRPO steps through train.py's real entry point: the mean reward of the last 10 steps beats
+    the first 10 by 0.05. Measured on training seeds 0, 1, 2 (first 5 vs last 5 steps): 0.93 -> 1.15,
+    1.00 -> 1.11, 0.96 -> 1.06, the correctness reward carrying the rise (0.43 -> 0.66 on seed 0)."""
+    import json
+    import subprocess
+    import sys
+    from conftest import ROOT
+    recipe = organism.Recipe(n_train=400, n_test=40, lo=2, hi=5, max_ops=2, layers=2, hidden=64, intermediate=128,
+                             sft_steps=600, batch=16)
+    folder = organism.build(recipe, str(tmp_path / "cache"), log=lambda s: None)
+    flags = ["--model", folder, "--data", folder, "--data-unverified", "--device", "cpu", "--threads", "1",
+             "--steps", "40", "--prompts-per-step", "8", "--num-generations", "8", "--max-new-tokens", "64",
+             "--rank", "8", "--alpha", "16", "--lr", "2e-3", "--warmup-steps", "2", "--lr-schedule", "constant",
+             "--beta", "0", "--micro-batch", "32", "--eval-n", "8", "--eval-max-new-tokens", "64",
+             "--checkpoint-every", "100", "--out", str(tmp_path / "run")]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    reward = [json.loads(line)["reward"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    first, last = sum(reward[:10]) / 10, sum(reward[-10:]) / 10
+    assert last > first + 0.05, (first, last, reward)
