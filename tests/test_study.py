@@ -1,0 +1,80 @@
+"""study.py and study_report.py on the tiny preset: the matrix runs, a killed study resumes, and the
+report is built from the run folders alone."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import study
+import study_report
+from conftest import ROOT
+
+ARMS = "base,uniform,proportional,random-rslora,sft-uniform"
+
+
+def study_cmd(out, *extra):
+    return [sys.executable, os.path.join(ROOT, "study.py"), "--preset", "tiny", "--seeds", "0", "--arms", ARMS,
+            "--steps", "4", "--out", str(out), *extra]
+
+
+def test_the_matrix_has_every_arm_and_its_dependencies():
+    jobs = study.matrix("s", [0, 1], [], preset="tiny")
+    names = [j.dir_name for j in jobs]
+    assert len(jobs) == 1 + 9 * 2 and len(set(names)) == len(names)
+    assert {j.arm for j in jobs} == set(study_report.ARMS)
+    for j in jobs:
+        assert j.flags[:2] == ["--preset", "tiny"]
+        if j.arm in ("proportional", "reduced"):  # from the same seed's uniform profile, scheduled after it
+            assert j.needs == os.path.join("s", "uniform", f"seed{j.seed}") and j.needs in " ".join(j.flags)
+            assert names.index(j.dir_name) > names.index(f"uniform{os.sep}seed{j.seed}")
+    assert "--scale-policy" not in " ".join(next(j for j in jobs if j.arm == "uniform").flags)
+
+
+def test_a_killed_study_resumes_and_skips_finished_runs_then_reports(tmp_path):
+    out = tmp_path / "study"
+    proc = subprocess.Popen(study_cmd(out, "--jobs", "1"), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+
+    def mid_run():  # a run finished, and another one started (its config.json written) but not finished
+        started = [p.parent for p in out.glob("*/seed0/config.json")]
+        return any((d / "results.json").exists() for d in started) and \
+            any(not (d / "results.json").exists() and (d / "metrics.jsonl").exists() for d in started)
+
+    while not mid_run():
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the study and its running train.py, as a power cut would
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("**/results.json")}
+    assert 1 <= len(finished) < 5
+    unfinished = [p.parent for p in out.glob("*/seed0/config.json") if not (p.parent / "results.json").exists()]
+    assert unfinished  # the next invocation must --resume it (a fresh start would be refused)
+    p = subprocess.run(study_cmd(out, "--jobs", "2"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"{len(finished)} of 5 runs already finished (skipped)" in p.stdout
+    assert "run 5 of 5 done" in p.stdout and "failed" not in p.stdout.lower()
+    assert all(path.stat().st_mtime_ns == t for path, t in finished.items())  # untouched
+    for arm in ("uniform", "proportional", "random-rslora", "sft-uniform"):
+        assert (out / arm / "seed0" / "results.json").exists()
+    report = (out / "REPORT.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    for arm in ("base", "uniform", "proportional", "random-rslora", "sft-uniform"):
+        assert f"| {arm} |" in report
+    assert set(summary["accuracy"]) == {"base", "uniform", "proportional", "random-rslora", "sft-uniform"}
+    assert "proportional/raw" in summary["amplification"] and "sft-uniform/normalised" in summary["flatness"]
+    import shutil  # the report needs the run folders alone: a copy without the logs gives the same report
+    for arm in summary["accuracy"]:
+        shutil.copytree(out / arm, tmp_path / "copy" / arm)
+    assert open(study_report.write(str(tmp_path / "copy"))).read() == report
+    with pytest.raises(SystemExit, match="no finished run"):
+        study_report.write(str(tmp_path / "empty"))
+    pytest.importorskip("matplotlib")
+    for name in ("shares.png", "amplification.png", "curves.png"):
+        if name != "amplification.png":  # needs a random arm with its uniform: random-rslora lacks uniform-rslora
+            assert (out / name).read_bytes()[:4] == b"\x89PNG" and f"]({name})" in report
