@@ -50,7 +50,8 @@ class TrainConfig:
                                  "checked against the release's sha256")
     data_unverified: bool = opt(False, "accept --data files that differ from the GSM8K release (your own data)")
     preset: str | None = opt(None, "tiny: the pipeline in seconds, offline on a CPU (its numbers mean nothing) | "
-                                   "organism: the CPU model organism (organism.py), on which GRPO really learns")
+                                   "organism: the CPU model organism (organism.py), on which GRPO really learns (it "
+                                   "removes a habit planted in the organism's pre-training)")
     out: str | None = opt(None, "run folder (default runs/<strategy>-<timestamp>)")
     seed: int = opt(0, "seed of everything: data order, sampling, LoRA init, random allocation")
     seeds: str | None = opt(None, "comma-separated seeds: one run per seed, in <out>/seed<N>")
@@ -112,7 +113,7 @@ class TrainConfig:
     checkpoint_every: int = opt(50, "steps between checkpoints")
     stop_after: int | None = opt(None, "stop (with a checkpoint) after this many steps of this invocation")
     device: str | None = opt(None, "cuda | cpu (default: cuda when present)")
-    threads: int | None = opt(None, "CPU threads (default: 1 for --preset tiny, whose small operations only lose "
+    threads: int | None = opt(None, "CPU threads (default: 1 with a preset, whose small operations only lose "
                                     "time to more threads on a busy machine; otherwise OMP_NUM_THREADS when set, "
                                     "else PyTorch's default)")
 
