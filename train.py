@@ -251,7 +251,9 @@ def progress_line(step: int, total: int, m: dict, sec: float, eta: float) -> str
 
 
 def train(run: Run, stop_after: int | None) -> bool:
-    """The study's loop; returns False when it stopped early (--stop-after) with a checkpoint written."""
+    """The study's loop. Each step: rollout, reference log-probs, then per pass backward, all-reduce,
+    profile, clip, optimiser step; the schedule; a dynamic move; log, evaluate, checkpoint. Returns
+    False when --stop-after stopped it (a checkpoint written); Ctrl-C writes one and exits."""
     cfg, model, opt, gcfg = run.cfg, run.model, run.opt, run.grpo_cfg
     params = lora.lora_parameters(model)
     start_step, t_start = run.step, time.perf_counter()
@@ -272,8 +274,10 @@ def train(run: Run, stop_after: int | None) -> bool:
             t_learn, m["lr"] = time.perf_counter(), opt.param_groups[0]["lr"]  # the rate this step uses
             for it in range(passes):
                 opt.zero_grad(set_to_none=True)
-                m |= grpo.backward(model, batch, gcfg, first=it == 0) if cfg.algo == "grpo" else \
-                    sft.backward(model, *batch, micro_batch=cfg.micro_batch)
+                if cfg.algo == "grpo":  # backward: the loss alone, micro-batch by micro-batch
+                    m |= grpo.backward(model, batch, gcfg, first=it == 0)
+                else:
+                    m |= sft.backward(model, *batch, micro_batch=cfg.micro_batch)
                 parallel.all_reduce_grads(params)  # the whole batch's gradient, on every process
                 if it == 0:
                     run.profiler.record()  # the study's measurement: every adapter's gradient, before clipping
