@@ -19,6 +19,7 @@ Left out: running anything (study.py), and significance corrections across the m
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -36,6 +37,10 @@ ARMS = ["base", "uniform", "proportional", "reduced", "random", "dynamic", "sft-
 AMPLIFICATION = [("proportional", "uniform", "fixed"), ("reduced", "uniform", "fixed"), ("random", "uniform", "fixed"),
                  ("random-constant", "uniform", "constant"), ("random-rslora", "uniform-rslora", "rslora")]
 FLATNESS = ["uniform", "sft-uniform", "uniform-rslora"]
+
+
+# the tables and the figures read the same profiles: each file once
+load_profile = functools.lru_cache(maxsize=None)(P.load_profile)
 
 
 def collect(out: str) -> dict[str, dict[int | None, str]]:
@@ -87,7 +92,7 @@ def flatness_table(runs: dict) -> tuple[list[str], dict]:
              "| --- | --- | --- | --- | --- | --- |"]
     summary = {}
     for arm in [a for a in FLATNESS if a in runs]:
-        profiles = [P.load_profile(d) for d in runs[arm].values()]
+        profiles = [load_profile(d) for d in runs[arm].values()]
         for view, normalised in (("raw", False), ("normalised", True)):
             f = [P.flatness(p, normalised) for p in profiles]
             lines.append(f"| {arm} | {view} | {mean_sd([x['max_min_ratio'] for x in f], digits=2)} | "
@@ -108,7 +113,7 @@ def amplification_table(runs: dict) -> tuple[list[str], dict]:
             continue
         cells = []
         for normalised in (False, True):
-            r = [P.amplification(P.load_profile(b), P.load_profile(a), normalised) for a, b in pairs]
+            r = [P.amplification(load_profile(b), load_profile(a), normalised) for a, b in pairs]
             cells.append(f"{mean_sd(r, digits=2)} ({', '.join('no shift' if x != x else f'{x:+.2f}' for x in r)})")
             summary[f"{arm}/{'normalised' if normalised else 'raw'}"] = r
         lines.append(f"| {arm} | {policy} | {base} | {cells[0]} | {cells[1]} |")
@@ -128,7 +133,7 @@ def figures(runs: dict, out: str) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for arm in [a for a in ARMS if a in runs and a != "base"]:
         for ax, normalised in zip(axes, (False, True)):
-            shares = np.mean([P.layer_shares(P.load_profile(d), normalised) for d in runs[arm].values()], 0)
+            shares = np.mean([P.layer_shares(load_profile(d), normalised) for d in runs[arm].values()], 0)
             style = dict(lw=2.5, color="black") if arm == "uniform" else dict(lw=1, alpha=0.8)
             ax.plot(np.arange(len(shares)), shares, "o-", ms=3, label=arm, **style)
     for ax, title in zip(axes, ("raw", "rank-normalised (each norm ÷ s·√r)")):
@@ -145,7 +150,7 @@ def figures(runs: dict, out: str) -> list[str]:
                 ax, xs, ys = axes[i][j], [], []
                 for s in runs[arm]:
                     if s in runs[base]:
-                        a, b = P.load_profile(runs[arm][s]), P.load_profile(runs[base][s])
+                        a, b = load_profile(runs[arm][s]), load_profile(runs[base][s])
                         xs += list(a.layer_ranks)
                         ys += list(P.layer_shares(a, normalised) - P.layer_shares(b, normalised))
                 ax.scatter(xs, ys, s=12, alpha=0.7)
