@@ -1,9 +1,25 @@
 """A run's resumable state in one file: the adapters with their ranks, the optimiser, the schedule,
 every random generator and the step, written atomically and read back as data only.
 
-A checkpoint is loaded with torch.load(weights_only=True): tensors, lists and plain values, never a
-pickled object, so a checkpoint someone sent cannot run code here. Anything else (a pickle, a
-truncated file, a checkpoint of another model) is a one-line error naming the file.
+Written every --checkpoint-every steps (default 50) and on Ctrl-C, by temporary file and rename, so a
+crash while one is written leaves the previous one intact (tested). Each adapter's rank and scale are
+part of its state_dict, so a dynamic run's moved ranks come back with load_state_dict. A checkpoint is
+loaded with torch.load(weights_only=True): tensors, lists and plain values, never a pickled object, so
+a checkpoint someone sent cannot run code here. Anything else (a pickle, a truncated file, a
+checkpoint of another model) is a one-line error naming the file.
+
+Resuming (`python train.py --resume RUN_DIR`) continues where the run stopped; on the CPU the result
+is bit-identical to an uninterrupted run (tested, with dropout too). train.py reconciles every file
+with the checkpoint: metrics lines and profile rows past its step are recomputed; without a
+checkpoint (a crash before the first one) the run starts again at step 0 and says how many logged
+steps it discards; a metrics.jsonl or profile that holds fewer steps than the checkpoint has lost
+steps, and the resume is refused with what is missing. Flags given with --resume that may change
+(config.RESUMABLE: --steps, --stop-after, --checkpoint-every, --threads, --eval-batch, --compile,
+--device) are applied and saved, any other is refused by name; a finished run says it is finished
+(--steps N trains it further). A start that fails (a bad flag, a missing model or data file) fails
+before anything is written, or removes the folder it created. Ctrl-C finishes the current step,
+writes a checkpoint and exits (a second Ctrl-C exits at once, in one line); --stop-after N stops
+cleanly after N steps, for time-limited jobs.
 
 Left out: the frozen base weights (the model folder has them), the gradient profile and the metrics
 (their own files in the run folder, which train.py checks against the checkpoint's step on resume).

@@ -10,6 +10,9 @@ Each drawn token comes with its log-probability under the sampler's own forward 
 sampling dtype), so GRPO can measure, and correct for, any gap between the policy that sampled and
 the policy that learns (grpo.py).
 
+(The design card puts sampling in model.py. It lives here, as in gpt-fast, since the compiled,
+static-shape decode made it an idea of its own and took model.py past 600 lines.)
+
 Left out: beam search, repetition penalties, speculative decoding, paged or continuous batching.
 
     from generate import generate

@@ -14,10 +14,12 @@ What it implements, in the order of the paper's objective (train.py's loop calls
      top-p/top-k truncation is not corrected for (as in TRL).
   5. Per token: -w·min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A) + β·KL, with ρ = π/π_old, the k3 estimator
      KL = exp(ref - logp) - (ref - logp) - 1, and w the truncated importance weight
-     min(π_old / π_sampler, `is_cap`) of the token (TRL's and verl's correction for vLLM rollouts):
-     the sampler runs merged LoRA in the model's dtype, the learner unmerged fp32 adapters, and in bf16
-     the merge's rounding makes the two policies differ; `logp_mismatch_mean`/`_max` log the gap
-     |log π_old - log π_sampler| every step (~1e-6 in fp32). The loss is aggregated by `loss_type`:
+     min(π_old / π_sampler, `is_cap`) of the token, not applied to the KL term: token-level truncation,
+     TRL's `token_truncate` mode and verl's token-level `truncate` (TRL's default mode is `sequence_mask`,
+     which drops whole sequences instead). The sampler runs merged LoRA in the model's dtype, the learner
+     unmerged fp32 adapters, and in bf16 the merge's rounding makes the two policies differ;
+     `logp_mismatch_mean`/`_max` log the gap |log π_old - log π_sampler| every step (~1e-6 in fp32;
+     the bf16 measurements are in BENCH.md). The loss is aggregated by `loss_type`:
        grpo     mean over each completion's tokens, then over completions (the paper's 1/|o_i|)
        dapo     mean over all tokens of the batch (DAPO, arXiv 2503.14476): long answers are not
                 down-weighted per token

@@ -8,14 +8,23 @@ Pattern keys are module paths with shell-style wildcards (`*`, `?`, `[...]`) mat
 path with `fnmatch.fnmatchcase`: `model.layers.15.*.q_proj` is layer 15's q_proj and nothing else, since
 `.` is literal. When several keys match a module, the most specific one wins: the key with the most
 literal (non-wildcard) characters, so an exact path beats any pattern. Two equally specific keys that
-match the same module with different values are an error.
+match the same module with different values are an error, and so is a key that matches no targeted
+module (the error names the nearest real paths; PEFT silently falls back to the default rank).
 
-The LoRA scale s multiplies B·A. With ranks that differ across modules, three policies exist:
-  fixed     s = alpha / r     PEFT's default: a module with more rank also takes smaller steps
+The LoRA scale s multiplies B·A. With ranks that differ across modules, three policies exist, chosen
+by one `scale_policy` argument (not a `use_rslora` switch that could contradict it):
+  fixed     s = alpha / r     one alpha for every module: PEFT's default, and what its rank_pattern gives
+                              without an alpha_pattern. A module with more rank also takes smaller
+                              steps, so "more capacity" and "smaller steps" are confounded
   constant  s = alpha / r0    the same s for every module (alpha_i = s·r_i), r0 the default rank
-  rslora    s = alpha / √r    rank-stabilised LoRA (Kalajievsky, arXiv 2312.03732)
-The default is `fixed`, because it is what the study's PEFT set-up does unless told otherwise; the
-profiler reports gradients normalised by s·√r so its mechanical effect on gradient norms is visible.
+  rslora    s = alpha / √r    rank-stabilised LoRA (Kalajdzievski, arXiv 2312.03732), PEFT's use_rslora=True
+At initialisation ‖∇B‖ grows like s·√r: r^-0.5 under fixed (more rank, smaller gradient), r^+0.5 under
+constant, flat under rslora (tested), so the policy alone sets the sign of a raw correlation between
+rank and gradient; the profiler also reports gradients divided by s·√r for that reason. The default is
+`fixed`, because it is what the study's PEFT set-up does unless told otherwise. Saved adapters carry
+the policy as PEFT understands it (`use_rslora`, or per-module alpha_pattern entries for `constant`),
+and their rank_pattern and alpha_pattern keys are escaped full paths, which PEFT's regex rule matches
+to exactly one module.
 
 Not implemented: bias training, DoRA, fan-in-fan-out weights, several adapters at once.
 """

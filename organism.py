@@ -3,22 +3,34 @@
 `python train.py --preset organism` (and study.py) run on it; `python organism.py` builds it alone.
 It generates GSM8K-format word problems (two or three operations among +, -, *, on numbers beyond
 one digit, a few phrasings), trains a byte-level BPE tokenizer on them (one token per digit, as in
-Qwen2's own), builds an 8-layer Qwen2 and pre-trains it by full-parameter SFT (AdamW) on the train
+Qwen2's own), builds a 16-layer Qwen2 and pre-trains it by full-parameter SFT (AdamW) on the train
 problems in the study's <reasoning>/<answer> format.
 
 Where GRPO's room comes from, by design: half of the SFT targets (`noise`) keep their reasoning but
 answer one step early (the previous line's result), so the pre-trained model writes the right last
 line and then, about half the time, answers the line before it. Sampling finds the right answer
-where greedy decoding does not, and the correctness reward trains the habit away: measured, greedy
-held-out accuracy rises from 25% to 44-53% in 60 GRPO steps, while the arithmetic of the reasoning
-lines stays at 73-78% correct. Without the planted habit (noise 0) an under-trained organism left
-GRPO nothing it could use at these settings (18% before, 11-16% after). train.jsonl and test.jsonl
-keep the right answers.
+where greedy decoding does not, and the correctness reward trains the habit away: measured on seed
+0, greedy held-out accuracy rises from 34.8% (Wilson 30.8-39.1) to 67.2% (63.0-71.2) in 60 GRPO
+steps (results/miniature/ has every seed). Without the planted habit (noise 0) an under-trained
+8-layer organism left GRPO nothing it could use at these settings (18% before, 11-16% after).
+train.jsonl and test.jsonl keep the right answers.
+
+Its layers, made to look more like Qwen's in one respect: the residual stream entering layer 0 is
+not much smaller than the later layers'. Pre-norm RMSNorm divides what each layer reads by the
+stream's RMS, so the backward into the stream scales like 1/RMS: with tied embeddings drawn at
+init_std (the 8-layer organism of earlier versions) the stream entered layer 0 at RMS 0.11 and
+layers 1-7 at 3.6-9.9, and layer 0 carried ~30% of every run's gradient, at initialisation too. So
+the embeddings are untied (Qwen2 allows it: tie_word_embeddings false) and drawn at std 3.0. The
+RMS entering each layer (residual_rms, 64 test problems with their reference solutions), measured:
+    layer  0    1    2    3    4     5     6     7     8     9     10    11    12    13    14    15   norm
+    RMS   3.0  5.4  6.7  7.7  9.2  10.6  11.6  12.7  13.3  14.0  14.6  15.4  16.3  17.1  18.9  20.5  26.3
+(embed_std 1.0 gave 1.0, 2.9, 4.2, ... 13.1: layer 0 still 3-10x below the rest.) The stream still
+grows with depth, as in trained transformers generally; layer 0 is no longer an outlier of its own.
 
 Built once per machine and cached in a folder keyed by a hash of the recipe (<cache>/lora-grpo/
 organism-<key>: config.json, model.safetensors, tokenizer.json, train.jsonl, test.jsonl, recipe.json),
-atomically, with a progress line while it trains (about 6 minutes on one thread). One CPU thread and
-fixed seeds: the same recipe gives bit-identical weights with the same PyTorch build.
+atomically, with a progress line while it trains (1600 SFT steps: README gives the time measured).
+One CPU thread and fixed seeds: the same recipe gives bit-identical weights with the same PyTorch build.
 
 Left out: division, fractions, problems whose wording needs reading twice; any skill beyond what the
 study's pipeline needs to show learning.
@@ -60,15 +72,17 @@ class Recipe:
     noise: float = 0.5  # fraction of SFT targets that answer one step early (train.jsonl stays right):
     # about half the greedy answers then repeat the previous line, which GRPO's reward trains away
     vocab_size: int = 500
-    layers: int = 8
+    layers: int = 16
     hidden: int = 96
     intermediate: int = 256
     heads: int = 4
     kv_heads: int = 2
-    sft_steps: int = 1600  # ~6 min on one thread; 2400 steps reach 82% greedy without noise: no room left
+    sft_steps: int = 1600  # with 8 layers, 2400 steps reached 82% greedy without noise: no room left
     batch: int = 16
     lr: float = 3e-3
     init_std: float = 0.05
+    tie_embeddings: bool = False
+    embed_std: float | None = 3.0  # untied embeddings drawn at this std (None: init_std)
 
     def key(self) -> str:
         """12 hex digits of the recipe (and VERSION): the cache folder's name."""
@@ -158,10 +172,17 @@ def pretrain(recipe: Recipe, tok: qwen.Tokenizer, train: list[gsm8k.Example], lo
     cfg = qwen.ModelConfig(vocab_size=tok.tok.get_vocab_size(), hidden_size=recipe.hidden,
                            intermediate_size=recipe.intermediate, num_hidden_layers=recipe.layers,
                            num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads,
-                           max_position_embeddings=512, rope_theta=10000.0)
+                           max_position_embeddings=512, rope_theta=10000.0,
+                           tie_word_embeddings=recipe.tie_embeddings)
     torch.manual_seed(recipe.seed)
     m = qwen.Qwen2(cfg)
-    m.init_weights(std=recipe.init_std, generator=torch.Generator().manual_seed(recipe.seed))
+    gen = torch.Generator().manual_seed(recipe.seed)
+    m.init_weights(std=recipe.init_std, generator=gen)
+    if recipe.embed_std is not None:
+        if recipe.tie_embeddings:
+            raise ValueError("Recipe.embed_std needs tie_embeddings=False: a tied lm_head would share its scale")
+        with torch.no_grad():
+            m.model.embed_tokens.weight.normal_(0.0, recipe.embed_std, generator=gen)
     opt = torch.optim.AdamW(m.parameters(), lr=recipe.lr, weight_decay=0.0)
     # linear warm-up, then cosine to 10%: a short run still ends on small, stable updates
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (
@@ -186,6 +207,24 @@ def pretrain(recipe: Recipe, tok: qwen.Tokenizer, train: list[gsm8k.Example], lo
     return m.eval()
 
 
+def residual_rms(m: qwen.Qwen2, tok: qwen.Tokenizer, examples: list[gsm8k.Example]) -> list[float]:
+    """RMS of the residual stream entering each decoder layer (then the final norm's input), over the
+    real tokens of these prompts + reference completions: how large the stream is that each layer's
+    pre-norm divides by, and so how strongly the backward is scaled there."""
+    ids, attn, _ = sft.sft_batch(tok, examples, "cpu")
+    seen = []
+    hooks = [mod.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach()))
+             for mod in [*m.model.layers, m.model.norm]]
+    try:
+        with torch.no_grad():
+            m(ids, attn)
+    finally:
+        for h in hooks:
+            h.remove()
+    real = attn.bool()
+    return [x[real].pow(2).mean().sqrt().item() for x in seen]
+
+
 def default_root() -> str:
     root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
     return os.path.join(root, "lora-grpo")
@@ -196,8 +235,8 @@ def build(recipe: Recipe = Recipe(), root: str | None = None, log=print) -> str:
     folder = os.path.join(root or default_root(), f"organism-{recipe.key()}")
     if os.path.isfile(os.path.join(folder, "model.safetensors")):
         return folder
-    log(f"building the model organism once for this machine ({recipe.sft_steps} SFT steps on one thread, about "
-        f"6 minutes) into {folder}")
+    log(f"building the model organism once for this machine ({recipe.sft_steps} SFT steps of a {recipe.layers}-layer "
+        f"model on one thread; the progress line gives the ETA) into {folder}")
     train, test = problems(recipe)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one summation order whatever the machine: the same recipe, the same bits
@@ -229,7 +268,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default=None, help=f"cache root (default {default_root()})")
     for f in dataclasses.fields(Recipe):
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            ap.add_argument(flag, type=float if f.type == "float | None" else type(f.default), default=f.default)
     args = vars(ap.parse_args(argv))
     root = args.pop("root")
     t0 = time.perf_counter()

@@ -11,18 +11,22 @@ Saved as run_dir/profile.safetensors (rundir.PROFILE): grad_norms [steps, layers
 [steps, layers, modules] (they change under dynamic allocation), plus profile_summary.json.
 
 Analysis. The study names its statistics but does not define them; these are the project's choices
-(DEFINITIONS, saved in every profile_summary.json), with the alternatives printed beside them:
-  layer norm      the L2 norm of all the layer's LoRA gradients together (7 modules x {A, B}):
-                  sqrt of the sum of the 14 squared matrix norms, not the sum of the norms
-  share           a layer's mean norm over steps / the sum over layers, of norms, not of squared
-                  norms (squaring roughly squares max/min: 2.17x becomes ~4.7x)
+(DEFINITIONS, saved in every profile_summary.json), with the alternatives the report prints beside them:
+  layer norm      the L2 norm of all the layer's LoRA gradients together (7 modules x {A, B}): sqrt of
+                  the sum of the 14 squared matrix norms, not the sum of the norms (not printed), which
+                  would weigh many small matrices like one large one
+  share           a layer's mean norm over steps / the sum over layers, of norms; shares of squared
+                  norms printed too (squaring roughly squares max/min: 2.17x becomes ~4.7x)
   top 30%         the share of the top 0.3·L layers, the fractional last layer counted by its fraction
-                  (28 layers: 8.4; the top 8 and the top 9 are printed too)
+                  (28 layers: 8.4; the top 8 and the top 9 are printed too). The choice matters: on a
+                  profile spread linearly with the post's max/min of 2.17x it gives 38.1%, the top 8
+                  36.4%, the top 9 40.5%; the post says ~36%
   early vs late   Pearson correlation of the shares over the first and the last third of the steps
                   (halves printed too)
   rank~shift      Pearson correlation, over layers, of a run's rank and its change of share against a
-                  uniform run (the study's "amplification"); "no shift" when every change is below
-                  SHIFT_TOL, where a correlation would only measure rounding noise
+                  uniform run (the study's "amplification"; the random run is its control); "no shift"
+                  when every change is below SHIFT_TOL (1e-4 percentage points), where a correlation
+                  would only measure rounding noise
 Every statistic is reported raw and rank-normalised: at initialisation ∇B = s·G(Ax)ᵀ, whose norm grows
 like s·√r, so a raw norm partly measures the rank and the scale policy themselves (fixed alpha: r^-0.5,
 alpha ∝ r: r^+0.5, rsLoRA: flat). The normalised view divides each matrix's norm by its module's s·√r

@@ -9,11 +9,15 @@ in the order given. A `--seeds` parent folder stands for its seed<N> runs; a fol
 finished run is skipped with a note. Runs of one strategy under several seeds get a summary line:
 mean and standard deviation of accuracy across seeds, each run counted once.
 
-`--compare` pairs two runs problem by problem (their eval_final.jsonl; both must have been evaluated on
-the same problems, or it refuses) and gives McNemar's exact test
-(a binomial test on the problems exactly one of them solved) and a paired bootstrap 95% interval of
-the accuracy difference. On 200 problems a 4.5-point gap such as the study's 74.5% vs 70.0% is 9
-problems, and is only significant when the two runs disagree on few problems.
+`--compare` of two `--seeds` parent folders pairs them seed by seed (seed<N> against seed<N>): the
+mean of the per-seed differences with its t 95% interval, the exact sign-flip p and the smallest
+difference the seeds could detect (stats.py). The training seed is the unit: two seeds of one arm
+differ by several points, far more than the test-set noise of one model.
+
+`--compare` of two single runs pairs them problem by problem (their eval_final.jsonl; both must have
+been evaluated on the same problems, or it refuses): McNemar's exact test (a binomial test on the
+problems exactly one of them solved) and a paired bootstrap 95% interval. That is the test-set noise
+of these two trained models only: it says nothing about the arms they were drawn from.
 
 Left out: corrections for multiple comparisons (each arm is compared with uniform alone).
 """
@@ -30,6 +34,7 @@ import sys
 import numpy as np
 
 import rundir
+import stats
 from profiler import report as profile_report, run_label
 
 
@@ -84,11 +89,13 @@ def results_table(run_dirs: list[str]) -> str:
                      f"{fmt_params(r['lora_params']):>8} {ci:>24} {100 * r['format_rate']:>6.1f}% {r['n']:>5}")
     multi = {k: v for k, v in groups.items() if len({r["seed"] for r in v}) > 1}
     if multi:
-        lines += ["", f"{'Across seeds':<18} {'runs':>4} {'mean acc':>9} {'std':>6} {'min':>6} {'max':>6}"]
+        lines += ["", f"{'Across seeds':<18} {'runs':>4} {'mean acc':>9} {'t 95% interval':>15} {'std':>6} "
+                      f"{'min':>6} {'max':>6}"]
         for name, rs in multi.items():
             acc = [100 * r["accuracy"] for r in rs]
-            lines.append(f"{name:<18} {len(rs):>4} {statistics.mean(acc):>8.1f}% {statistics.stdev(acc):>6.1f} "
-                         f"{min(acc):>6.1f} {max(acc):>6.1f}")
+            _, lo, hi = stats.mean_interval(acc)
+            lines.append(f"{name:<18} {len(rs):>4} {statistics.mean(acc):>8.1f}% {f'{lo:.1f}-{hi:.1f}':>15} "
+                         f"{statistics.stdev(acc):>6.1f} {min(acc):>6.1f} {max(acc):>6.1f}")
     return "\n".join(lines)
 
 
@@ -146,12 +153,30 @@ def compare(run_a: str, run_b: str) -> dict:
             "only_a": only_a, "only_b": only_b, "mcnemar_p": mcnemar_exact(only_a, only_b), "diff_ci95": (lo, hi)}
 
 
+def compare_seeds(parent_a: str, parent_b: str) -> dict:
+    """Two --seeds parents paired seed by seed: stats.paired of the accuracy differences (points)."""
+    a, b = ({int(os.path.basename(d)[4:]): d for d in rundir.seed_runs(p)} for p in (parent_a, parent_b))
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        raise SystemExit(f"error: {parent_a} and {parent_b} share no finished seed<N> run "
+                         f"(seeds {sorted(a)} and {sorted(b)})")
+    diffs = {s: 100 * (load_results(a[s])["accuracy"] - load_results(b[s])["accuracy"]) for s in shared}
+    return {"per_seed": diffs, **stats.paired(list(diffs.values()))}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="The study's results table, seeds and paired tests.")
     ap.add_argument("runs", nargs="*", help="run folders holding results.json")
     ap.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="paired test between two runs")
     args = ap.parse_args(argv)
-    if args.compare:
+    if args.compare and all(rundir.seed_runs(p) and not rundir.is_finished(p) for p in args.compare):
+        r = compare_seeds(*args.compare)
+        print(f"{r['n']} seeds paired: " + ", ".join(f"seed {s} {d:+.1f}" for s, d in r["per_seed"].items()))
+        if r["n"] > 1:
+            lo, hi = r["ci95"]
+            print(f"mean difference {r['mean']:+.1f} points (t 95% interval {lo:+.1f} to {hi:+.1f}), sign-flip p = "
+                  f"{r['p_sign_flip']:.3f}; detectable at 80% power: {r['detectable']:.1f} points")
+    elif args.compare:
         r = compare(*args.compare)
         print(f"{r['n']} paired problems: {100 * r['acc_a']:.1f}% vs {100 * r['acc_b']:.1f}% "
               f"(difference {100 * r['diff']:+.1f} points, paired bootstrap 95% CI "

@@ -1,12 +1,16 @@
 """The run folder: the name of every file in it, the one way they are written, and the readers.
 
-    runs/<strategy>-<timestamp>/
-        config.json            every setting, resolved (written last: it makes the folder a run)
+    runs/<strategy>-<timestamp>/   (or --out; SFT: runs/sft-<strategy>-<timestamp>/; --seeds: <out>/seed<N>/)
+        config.json            every setting, resolved, with the model folder actually used (written
+                               last: it makes the folder a run; `train.py --config` runs it again)
         ranks.json             the rank of every module and where it came from
-        metrics.jsonl          one line per step
+        metrics.jsonl          one line per step: rewards and their spread, the share of groups with
+                               equal rewards, completion lengths, truncation, KL, clip fraction,
+                               entropy, gradient norm, learning rate, seconds in sampling, scoring
+                               and learning
         profile.safetensors    the gradient profile, with profile_summary.json
         eval_<name>.jsonl      one record per evaluated problem, with eval_<name>.json
-        adapter/               the adapters in PEFT's format
+        adapter/               the adapters in PEFT's format (PeftModel.from_pretrained loads them)
         checkpoint.pt          what --resume needs
         results.json           the run's row of the study's table (written at the very end)
         tiny-model/            --preset tiny only: the model it built
@@ -25,6 +29,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import subprocess
 
 CONFIG = "config.json"
 RANKS = "ranks.json"
@@ -35,6 +40,22 @@ ADAPTER = "adapter"
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
 TINY_MODEL = "tiny-model"
+
+
+def code_version() -> str:
+    """The commit this code was checked out at ("+dirty" with uncommitted changes; "unknown" outside git),
+    recorded in results.json so that a report can name what made its runs."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def eval_records(name: str) -> str:

@@ -1,16 +1,18 @@
 """The study in miniature: the study's whole matrix, run on the CPU model organism, then its report.
 
-    python study.py                          # organism built once, ~31 runs, study/REPORT.md (see README)
-    python study.py --seeds 0,1,2,3,4        # more seeds; --steps N for longer runs
+    python study.py                          # organism built once, the whole matrix, study/REPORT.md
+    python study.py --quick                  # the main arms on 3 seeds, study-quick/REPORT.md
     python study.py --report-only            # the report again, from the run folders alone
 
-The matrix (`matrix()`): the base model; GRPO with uniform, proportional and reduced ranks (both from
-the same seed's uniform profile), random and dynamic ranks; SFT with uniform ranks, for the regime
-comparison; and the scale-policy ablation: uniform and random under rsLoRA, and random under the
-constant policy, beside the fixed policy of the main arms. Uniform under `constant` is not run: with
-every module at r = r0, alpha/r0 = alpha/r and it is the fixed-policy run, bit for bit. The rsLoRA
-arms get alpha/sqrt(r0) as their alpha, so that every policy starts from the same scale at r0 (the
-preset's alpha under rsLoRA is a 2.8x larger scale, and those runs collapse: README).
+The matrix (`matrix()`). Main arms, on 8 seeds (paired by seed, the unit of replication: about 8
+are needed to see the study's 4.5 points; stats.py): the base model; GRPO with uniform, proportional
+and reduced ranks (both from the same seed's uniform profile) and random ranks; SFT with uniform
+ranks, for the regime comparison. Side arms, on the first 4 seeds: dynamic ranks; the scale-policy
+ablation (random ranks under rsLoRA and under the constant policy, beside the fixed policy of the
+main arms); and the capacity sweep, the positive control: uniform r in 1, 2, 4, 16 under GRPO and
+under SFT (r0 = 8 is the main arms). Uniform is not run under `constant` or rsLoRA: with every module
+at r0 both give the fixed policy's scale (rsLoRA gets alpha/sqrt(r0), so that every policy starts
+from the same scale at r0), and the run would be the uniform run again.
 
 Each run is `python train.py --preset organism ...` in a process of its own, in <out>/<arm>/seed<N>
 (its log beside it in <out>/logs/), so a run here is exactly a run a reader can repeat by hand. A
@@ -51,31 +53,44 @@ class Job:
         return self.arm if self.seed is None else os.path.join(self.arm, f"seed{self.seed}")
 
 
-def matrix(out: str, seeds: list[int], extra: list[str], preset: str = "organism",
+def matrix(out: str, seeds: list[int], side_seeds: list[int], extra: list[str], preset: str = "organism",
            arms=study_report.ARMS) -> list[Job]:
-    """Every run of the study (of `arms`), in an order that lets each start as soon as its profile exists."""
+    """Every run of the study (of `arms`), in an order that lets each start as soon as its profile exists:
+    the main arms on `seeds`, the side arms and the capacity sweep on `side_seeds`."""
     r0, alpha = PRESETS[preset]["rank"], PRESETS[preset]["alpha"]
+    assert r0 == study_report.R0, "study_report.R0 is the preset's rank: the sweep's r0 runs are the main arms"
     # rsLoRA with the preset's alpha would scale every adapter by sqrt(r0) more than the fixed policy at
     # r0 (2.8x at r0 = 8, a higher learning rate in effect); its alpha is set so that all three policies
     # give the same scale at r0 and differ only in how the scale changes with rank, which is the question
-    rslora = ["--scale-policy", "rslora", "--alpha", f"{alpha / math.sqrt(r0):.6g}"]
+    rslora = ["--scale-policy", "rslora", "--alpha", repr(alpha / math.sqrt(r0))]
     jobs = [Job("base", None, ["--strategy", "base"])]
     for s in seeds:
         uniform = os.path.join(out, "uniform", f"seed{s}")
         jobs += [Job("uniform", s, ["--strategy", "uniform"]),
                  Job("sft-uniform", s, ["--algo", "sft", "--strategy", "uniform"]),
                  Job("random", s, ["--strategy", "random"]),
-                 Job("dynamic", s, ["--strategy", "dynamic"]),
-                 Job("uniform-rslora", s, ["--strategy", "uniform", *rslora]),
-                 Job("random-rslora", s, ["--strategy", "random", *rslora]),
-                 Job("random-constant", s, ["--strategy", "random", "--scale-policy", "constant"]),
                  Job("proportional", s, ["--strategy", "proportional", "--profile", uniform], needs=uniform),
                  Job("reduced", s, ["--strategy", "reduced", "--profile", uniform], needs=uniform)]
+    for s in side_seeds:
+        jobs += [Job("dynamic", s, ["--strategy", "dynamic"]),
+                 Job("random-rslora", s, ["--strategy", "random", *rslora]),
+                 Job("random-constant", s, ["--strategy", "random", "--scale-policy", "constant"])]
+        # the capacity sweep keeps the preset's alpha: the fixed policy's scale alpha/r is LoRA's 1/r
+        # convention, under which the best learning rate hardly moves with the rank
+        for r in study_report.SWEEP_RANKS:
+            jobs += [Job(f"uniform-r{r}", s, ["--strategy", "uniform", "--rank", str(r)]),
+                     Job(f"sft-r{r}", s, ["--algo", "sft", "--strategy", "uniform", "--rank", str(r)])]
     jobs = [j for j in jobs if j.arm in arms]
     for job in jobs:
         seed = [] if job.seed is None else ["--seed", str(job.seed)]
         job.flags = ["--preset", preset, *job.flags, *extra, *seed]
-    return sorted(jobs, key=lambda j: j.needs is not None)  # runs that wait for a profile go last
+    # what a partial study can already report comes first: the main arms on the first 3 seeds (the
+    # quick study), then the capacity sweep, then the other seeds, then the side arms. A run whose
+    # profile is not finished yet waits (run_matrix) while the next ones start.
+    first = set(seeds[:3])
+    order = lambda j: (0 if j.arm in study_report.MAIN and (j.seed is None or j.seed in first) else
+                       1 if j.arm in study_report.SWEEP else 2 if j.arm in study_report.MAIN else 3)
+    return sorted(jobs, key=order)
 
 
 def command(job: Job, out: str) -> list[str]:
@@ -127,37 +142,73 @@ def run_matrix(jobs: list[Job], out: str, parallel: int, log=print) -> list[str]
     return list(failed.values())
 
 
+def parse_seeds(text: str, flag: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: {flag} {text!r}: expected comma-separated integers such as 0,1,2")
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise SystemExit(f"error: {flag} {text!r}: seeds must be distinct and >= 0")
+    return seeds
+
+
+def check_settings(out: str, settings: dict):
+    """A study folder keeps one preset and one run length: its first invocation records them in
+    study.json, and a later one with other settings is refused (its finished runs would be skipped
+    and runs of two lengths mixed in one report)."""
+    path = os.path.join(out, "study.json")
+    if os.path.isfile(path):
+        old = rundir.read_json(path)
+        if diff := [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old.get(k) != v]:
+            raise SystemExit(f"error: {out} holds a study with other settings ({'; '.join(diff)}); "
+                             f"use another --out or the same settings")
+    else:
+        os.makedirs(out, exist_ok=True)
+        rundir.atomic_json(path, settings)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="study", help="the study's folder [default: study]")
-    ap.add_argument("--seeds", default="0,1,2", help="seeds of every GRPO/SFT arm [default: 0,1,2]")
+    ap.add_argument("--out", help="the study's folder [default: study, or study-quick with --quick]")
+    ap.add_argument("--quick", action="store_true",
+                    help="the main arms on seeds 0,1,2 only (no sweep, no side arms): about 30 minutes")
+    ap.add_argument("--seeds", help="seeds of the main arms [default: 0,...,7; 0,1,2 with --quick]")
+    ap.add_argument("--side-seeds", help="seeds of the side arms and the capacity sweep [default: the first "
+                                         "4 of --seeds]")
     ap.add_argument("--steps", type=int, help="steps per run [default: the organism preset's]")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once, one CPU thread each [default: 2]")
-    ap.add_argument("--arms", default=",".join(study_report.ARMS), help="the arms to run [default: all]")
+    ap.add_argument("--arms", help=f"the arms to run [default: all; with --quick: {','.join(study_report.MAIN)}]")
     ap.add_argument("--preset", default="organism", help="train.py's preset [default: organism; tiny for a dry run]")
     ap.add_argument("--report-only", action="store_true", help="write the report from the run folders only")
     args = ap.parse_args(argv)
-    try:
-        seeds = [int(x) for x in args.seeds.split(",")]
-    except ValueError:
-        raise SystemExit(f"error: --seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2")
+    out = args.out or ("study-quick" if args.quick else "study")
+    seeds = parse_seeds(args.seeds or ("0,1,2" if args.quick else "0,1,2,3,4,5,6,7"), "--seeds")
+    side = parse_seeds(args.side_seeds, "--side-seeds") if args.side_seeds else seeds[:4]
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs {args.jobs}: must be >= 1")
-    arms = args.arms.split(",")
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"error: --steps {args.steps}: must be >= 1")
+    if args.preset not in PRESETS:
+        raise SystemExit(f"error: --preset {args.preset!r} unknown; allowed: {', '.join(PRESETS)}")
+    arms = (args.arms.split(",") if args.arms else
+            list(study_report.MAIN if args.quick else study_report.ARMS))
     if unknown := [a for a in arms if a not in study_report.ARMS]:
         raise SystemExit(f"error: --arms: {', '.join(unknown)} unknown; allowed: {', '.join(study_report.ARMS)}")
     if "proportional" in arms or "reduced" in arms:
         arms.append("uniform")  # their profile
     if not args.report_only:
+        check_settings(out, {"preset": args.preset, "steps": args.steps})
         if args.preset == "organism":  # built once here, not by two runs at the same time
             organism.build(log=print)
-        jobs = matrix(args.out, seeds, [] if args.steps is None else ["--steps", str(args.steps)], args.preset, arms)
+        jobs = matrix(out, seeds, side, [] if args.steps is None else ["--steps", str(args.steps)], args.preset, arms)
         t0 = time.perf_counter()
-        failed = run_matrix(jobs, args.out, args.jobs)
+        failed = run_matrix(jobs, out, args.jobs)
         print(f"study: matrix done in {minutes(time.perf_counter() - t0)}" +
               (f"; {len(failed)} failed: " + "; ".join(failed) if failed else ""), flush=True)
-    path = study_report.write(args.out)
+    path = study_report.write(out)
     print(f"study: report in {path}")
+    if not args.report_only and failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

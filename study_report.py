@@ -3,15 +3,21 @@
     python study_report.py study/            # writes study/REPORT.md, study/summary.json, study/*.png
 
 It reads what train.py wrote in <study>/<arm>/seed<N> (results.json, eval_final.jsonl, metrics.jsonl,
-profile.safetensors, config.json) and reports, for each of the study's claims:
-  accuracy        each arm's mean and spread over seeds, each run's Wilson interval, and a paired test
-                  of the arm against uniform on the same problems: per seed (McNemar's exact test on
-                  the problems exactly one run solved) and pooled over seeds (the discordant counts
-                  summed; the seeds' problem sets are the same, so this pools seeds, not problems).
-  flatness        max/min share, top-30% share and early-vs-late correlation of GRPO and SFT runs,
-                  raw and rank-normalised (profiler.py's definitions).
+profile.safetensors) and reports, for each of the study's claims, with the training seed as the unit
+(stats.py defines every statistic):
+  accuracy        per arm: the mean over seeds with its t interval; against its reference arm (uniform,
+                  or the SFT arm at r0 for the SFT sweep), the per-seed differences (seed s of the arm
+                  minus seed s of the reference), their mean with its t 95% interval, the exact
+                  sign-flip p and the smallest difference detectable at 80% power. McNemar's test per
+                  seed is in a table of its own: it measures the test-set noise of one pair of models.
+  capacity        the positive control: uniform rank r under GRPO and under SFT, accuracy against rank
+  flatness        per arm, from its own profiles: the study's max/min and top-30% share, and the
+                  layer-count-free effective layers / L and Gini, each also without layer 0; against a
+                  reference: the same run's profile at step 0 (fresh LoRA on the base model, before any
+                  update: the gradient geometry of the model), and the other regime's profile
   amplification   the correlation over layers of rank and change of gradient share against the
-                  uniform run of the same seed and scale policy, raw and rank-normalised, per policy.
+                  same seed's uniform run, raw and rank-normalised, per scale policy
+A statistic that cannot be computed (one seed; a profile without gradient) prints as "-", never NaN.
 Figures need matplotlib (requirements-dev.txt); without it the report says so and keeps the tables.
 
 Left out: running anything (study.py), and significance corrections across the many comparisons.
@@ -21,8 +27,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
-import statistics
 import sys
 
 import numpy as np
@@ -30,17 +36,41 @@ import numpy as np
 import profiler as P
 import report
 import rundir
+import stats
 
-ARMS = ["base", "uniform", "proportional", "reduced", "random", "dynamic", "sft-uniform", "uniform-rslora",
-        "random-constant", "random-rslora"]
-# amplification: (arm with moved rank, the uniform arm of the same scale policy, the policy)
-AMPLIFICATION = [("proportional", "uniform", "fixed"), ("reduced", "uniform", "fixed"), ("random", "uniform", "fixed"),
-                 ("random-constant", "uniform", "constant"), ("random-rslora", "uniform-rslora", "rslora")]
-FLATNESS = ["uniform", "sft-uniform", "uniform-rslora"]
+R0 = 8  # the organism preset's rank: the sweep's r = R0 runs are the uniform and sft-uniform arms
+SWEEP_RANKS = (1, 2, 4, 16)
+MAIN = ["base", "uniform", "proportional", "reduced", "random", "sft-uniform"]
+SIDE = ["dynamic", "random-constant", "random-rslora"]  # the open claims and the scale-policy ablation
+SWEEP = [f"{regime}-r{r}" for regime in ("uniform", "sft") for r in SWEEP_RANKS]
+ARMS = MAIN + SIDE + SWEEP
+# amplification: (arm with moved rank, its scale policy); each against the same seed's uniform run
+# (rsLoRA's alpha is set so that its scale at r0 is the fixed policy's: uniform is the same run under both)
+AMPLIFICATION = [("proportional", "fixed"), ("reduced", "fixed"), ("random", "fixed"),
+                 ("random-constant", "constant"), ("random-rslora", "rslora")]
+FLATNESS = ["uniform", "sft-uniform"]  # uniform ranks: raw shares are not moved by the allocation
 
 
-# the tables and the figures read the same profiles: each file once
+def reference(arm: str) -> str | None:
+    """The arm an arm's accuracy is paired with: uniform, or sft-uniform for the SFT sweep."""
+    if arm == "uniform":
+        return None
+    return "sft-uniform" if arm.startswith("sft-r") else "uniform"
+
+
+def sweep_rank(arm: str) -> tuple[str, int] | None:
+    """("grpo" | "sft", rank) of a capacity-sweep arm or of the two r0 arms; None otherwise."""
+    if arm in ("uniform", "sft-uniform"):
+        return ("grpo" if arm == "uniform" else "sft"), R0
+    if arm in SWEEP:
+        regime, r = arm.rsplit("-r", 1)
+        return ("grpo" if regime == "uniform" else "sft"), int(r)
+    return None
+
+
+# the tables and the figures read the same files: each once
 load_profile = functools.lru_cache(maxsize=None)(P.load_profile)
+load_results = functools.lru_cache(maxsize=None)(report.load_results)
 
 
 def collect(out: str) -> dict[str, dict[int | None, str]]:
@@ -50,78 +80,189 @@ def collect(out: str) -> dict[str, dict[int | None, str]]:
         if rundir.is_finished(os.path.join(out, arm)):
             runs[arm] = {None: os.path.join(out, arm)}
         elif seeds := rundir.seed_runs(os.path.join(out, arm)):
-            runs[arm] = {int(os.path.basename(d)[4:]): d for d in seeds}
+            runs[arm] = dict(sorted((int(os.path.basename(d)[4:]), d) for d in seeds))
     return runs
 
 
-def mean_sd(xs: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    xs = [scale * x for x in xs if x == x]  # NaN: "no shift"
-    if not xs:
+def accuracy(run_dir: str) -> float:
+    return 100 * load_results(run_dir)["accuracy"]
+
+
+def seed_differences(runs: dict, arm: str, against: str) -> dict[int, float]:
+    """{seed: accuracy of the arm's seed-s run minus the reference's seed-s run} (points); the base
+    model (no seed) is compared with every seed of the reference."""
+    ref = runs.get(against, {})
+    mine = runs[arm]
+    if None in mine:
+        return {s: accuracy(mine[None]) - accuracy(d) for s, d in ref.items()}
+    return {s: accuracy(d) - accuracy(ref[s]) for s, d in mine.items() if s in ref}
+
+
+def fmt(x: float, digits: int = 1, sign: bool = False) -> str:
+    """A number, or "-" where it could not be computed (NaN)."""
+    if x is None or x != x:
         return "-"
-    return f"{statistics.mean(xs):.{digits}f}" + (f" ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else "")
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def verdict(p: dict) -> str:
+    """One line: a difference, or a null result with the smallest difference it could have seen."""
+    if p["n"] < 2:
+        return "one seed: no interval"
+    lo, hi = p["ci95"]
+    if lo > 0 or hi < 0:
+        return f"differs (interval excludes 0)"
+    return f"no difference seen; detectable: {fmt(p['detectable'])}"
 
 
 def accuracy_table(runs: dict) -> tuple[list[str], dict]:
-    """Markdown rows: accuracy over seeds, each run's interval, paired tests against uniform."""
-    lines = ["| arm | runs | accuracy, mean ± sd over seeds (%) | each run: accuracy (95% Wilson interval) | "
-             "vs uniform, same seed: difference (McNemar p) | pooled over seeds: difference (McNemar p) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    """Markdown rows: each arm over seeds, and paired by seed against its reference arm."""
+    lines = ["| arm | seeds | accuracy: mean [t 95%] (%) | against | difference, mean of per-seed (points) "
+             "[t 95%] | sign-flip p | detectable at 80% power | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     summary = {}
     for arm, seeds in runs.items():
-        res = {s: report.load_results(d) for s, d in seeds.items()}
-        each = ", ".join(f"{100 * r['accuracy']:.1f} ({100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f})"
-                         for r in res.values())
-        paired, b, c = [], 0, 0
-        for s, d in seeds.items():
-            for us, ud in runs.get("uniform", {}).items():
-                if arm != "uniform" and (s is None or s == us):
-                    cmp = report.compare(d, ud)
-                    paired.append(f"{100 * cmp['diff']:+.1f} (p={cmp['mcnemar_p']:.2g})")
-                    b, c = b + cmp["only_a"], c + cmp["only_b"]
-        n = next(iter(res.values()))["n"]
-        pooled = "-" if not paired else f"{100 * (b - c) / (n * len(paired)):+.1f} (p={report.mcnemar_exact(b, c):.2g})"
-        acc = [r["accuracy"] for r in res.values()]
-        lines.append(f"| {arm} | {len(res)} | {mean_sd(acc, 100)} | {each} | {'; '.join(paired) or '-'} | {pooled} |")
-        summary[arm] = {"accuracy": acc, "n": n, "seeds": [s for s in seeds], "paired_vs_uniform": paired,
-                        "pooled_vs_uniform": pooled}
+        acc = [accuracy(d) for d in seeds.values()]
+        mean, lo, hi = stats.mean_interval(acc)
+        row = {"seeds": list(seeds), "accuracy": acc, "mean": mean, "ci95": [lo, hi]}
+        cells = ["-"] * 5
+        against = reference(arm)
+        diffs = seed_differences(runs, arm, against) if against in runs else {}
+        if diffs:
+            p = stats.paired(list(diffs.values()))
+            row["vs"] = {"against": against, "per_seed": diffs, **p}
+            cells = [against, f"{fmt(p['mean'], sign=True)} [{fmt(p['ci95'][0], sign=True)}, "
+                     f"{fmt(p['ci95'][1], sign=True)}]", fmt(p["p_sign_flip"], 3), fmt(p["detectable"]), verdict(p)]
+        interval = f" [{lo:.1f}, {hi:.1f}]" if len(acc) > 1 else ""
+        lines.append(f"| {arm} | {len(acc)} | {mean:.1f}{interval} | " + " | ".join(cells) + " |")
+        summary[arm] = row
     return lines, summary
+
+
+def mcnemar_table(runs: dict) -> list[str]:
+    """Per seed, each arm against the same seed's reference: McNemar on the problems (test-set noise)."""
+    lines = ["| arm | against | per seed: difference (McNemar p) |", "| --- | --- | --- |"]
+    for arm, seeds in runs.items():
+        against = reference(arm)
+        ref = runs.get(against, {})
+        cells = []
+        for s, d in seeds.items():
+            for rs, rd in ref.items():
+                if s is None or s == rs:
+                    c = report.compare(d, rd)
+                    cells.append(f"{'' if s is None else f's{s} '}{100 * c['diff']:+.1f} (p={c['mcnemar_p']:.2g})")
+        if cells:
+            lines.append(f"| {arm} | {against} | {'; '.join(cells)} |")
+    return lines
+
+
+def capacity_table(runs: dict) -> tuple[list[str], dict]:
+    """Accuracy against uniform rank, per regime (the positive control for allocation)."""
+    lines = ["| regime | rank | seeds | accuracy: mean [t 95%] (%) |", "| --- | --- | --- | --- |"]
+    summary = {}
+    for arm in sorted((a for a in runs if sweep_rank(a)), key=sweep_rank):
+        regime, r = sweep_rank(arm)
+        acc = [accuracy(d) for d in runs[arm].values()]
+        mean, lo, hi = stats.mean_interval(acc)
+        lines.append(f"| {regime} | {r} | {len(acc)} | {mean:.1f}" + (f" [{lo:.1f}, {hi:.1f}] |" if len(acc) > 1 else " |"))
+        summary.setdefault(regime, {})[r] = {"arm": arm, "accuracy": acc, "mean": mean, "ci95": [lo, hi]}
+    return (lines if summary else []), summary
+
+
+def shape(shares: np.ndarray) -> dict:
+    """Flatness of one share vector, with and without layer 0."""
+    rest = shares[1:]
+    return {"max_min": shares.max() / shares.min() if shares.min() > 0 else float("nan"),
+            "top30": P.top_share(shares, 0.3), "eff": stats.effective_layers(shares), "gini": stats.gini(shares),
+            "eff_no0": stats.effective_layers(rest), "gini_no0": stats.gini(rest),
+            "layer0": float(shares[0] / shares.sum() * 100), "hottest": int(shares.argmax())}
+
+
+def has_signal(p: P.Profile, steps: slice = slice(None)) -> bool:
+    """True when the profile's steps carry any gradient at all (a step without signal has zero norms)."""
+    return bool(np.nansum(p.grad_norms[steps]) > 0)
 
 
 def flatness_table(runs: dict) -> tuple[list[str], dict]:
-    lines = ["| arm | view | max/min share | top-30% share (%) | early-vs-late r | hottest layer (per seed) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    """Each arm's own profiles: over training, and at step 0 (the reference), mean ± sd over seeds."""
+    keys = ("max_min", "top30", "eff", "eff_no0", "gini", "gini_no0", "layer0")
+    lines = ["| arm | profile | seeds | max/min | top-30% (%) | eff. layers / L | eff. layers / L, no layer 0 | "
+             "Gini | Gini, no layer 0 | layer 0's share (%) | hottest layer (per seed) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     summary = {}
     for arm in [a for a in FLATNESS if a in runs]:
         profiles = [load_profile(d) for d in runs[arm].values()]
-        for view, normalised in (("raw", False), ("normalised", True)):
-            f = [P.flatness(p, normalised) for p in profiles]
-            lines.append(f"| {arm} | {view} | {mean_sd([x['max_min_ratio'] for x in f], digits=2)} | "
-                         f"{mean_sd([x['top30_share'] for x in f])} | "
-                         f"{mean_sd([x['early_late_corr'] for x in f], digits=3)} | "
-                         f"{', '.join(str(x['hottest_layer']) for x in f)} |")
-            summary[f"{arm}/{view}"] = f
+        for view, steps in (("over training", slice(None)), ("step 0", slice(0, 1))):
+            live = [p for p in profiles if has_signal(p, steps)]
+            if not live:
+                lines.append(f"| {arm} | {view} | {len(profiles)} | no signal |" + " |" * 7)
+                continue
+            each = [shape(P.layer_shares(p, steps=steps)) for p in live]
+            row = {k: [e[k] for e in each] for k in keys + ("hottest",)}
+            digits = {"max_min": 2, "eff": 3, "eff_no0": 3, "gini": 3, "gini_no0": 3}
+            lines.append(f"| {arm} | {view} | {len(live)} | " + " | ".join(
+                mean_sd(row[k], digits.get(k, 1)) for k in keys) + f" | {', '.join(map(str, row['hottest']))} |")
+            summary[f"{arm}/{view}"] = row
     return lines, summary
 
 
-def amplification_table(runs: dict) -> tuple[list[str], dict]:
-    lines = ["| arm | scale policy | against | rank~shift r, raw (per seed) | rank~shift r, normalised (per seed) |",
-             "| --- | --- | --- | --- | --- |"]
+def correlation_table(runs: dict) -> tuple[list[str], dict]:
+    """Stability against references: early vs late, against its own step 0, and GRPO against SFT."""
+    lines = ["| arm | early vs late r | r with its own step 0 | r with the other regime, same seed |",
+             "| --- | --- | --- | --- |"]
     summary = {}
-    for arm, base, policy in AMPLIFICATION:
-        pairs = [(runs[arm][s], runs[base][s]) for s in runs.get(arm, {}) if s in runs.get(base, {})]
+    other = {"uniform": "sft-uniform", "sft-uniform": "uniform"}
+    for arm in [a for a in FLATNESS if a in runs]:
+        early, first, cross = [], [], []
+        for s, d in runs[arm].items():
+            p = load_profile(d)
+            if not has_signal(p):
+                continue
+            shares = P.layer_shares(p)
+            early.append(P.early_late(p))
+            if has_signal(p, slice(0, 1)):
+                first.append(P.pearson(shares, P.layer_shares(p, steps=slice(0, 1))))
+            if s in runs.get(other[arm], {}) and has_signal(q := load_profile(runs[other[arm]][s])):
+                cross.append(P.pearson(shares, P.layer_shares(q)))
+        lines.append(f"| {arm} | {mean_sd(early, 3)} | {mean_sd(first, 3)} | {mean_sd(cross, 3)} |")
+        summary[arm] = {"early_late": early, "with_step0": first, "with_other_regime": cross}
+    return lines, summary
+
+
+def mean_sd(xs: list[float], digits: int = 1) -> str:
+    xs = [x for x in xs if x == x]  # NaN: "no shift" or no signal
+    if not xs:
+        return "-"
+    sd = f" ± {np.std(xs, ddof=1):.{digits}f}" if len(xs) > 1 else ""
+    return f"{np.mean(xs):.{digits}f}{sd}"
+
+
+def amplification_table(runs: dict) -> tuple[list[str], dict]:
+    lines = ["| arm | scale policy | rank~shift r, raw: mean ± sd (per seed) | rank~shift r, normalised |",
+             "| --- | --- | --- | --- |"]
+    summary = {}
+    for arm, policy in AMPLIFICATION:
+        pairs = [(runs[arm][s], runs["uniform"][s]) for s in runs.get(arm, {}) if s in runs.get("uniform", {})]
         if not pairs:
             continue
         cells = []
         for normalised in (False, True):
-            r = [P.amplification(load_profile(b), load_profile(a), normalised) for a, b in pairs]
-            cells.append(f"{mean_sd(r, digits=2)} ({', '.join('no shift' if x != x else f'{x:+.2f}' for x in r)})")
+            r, each = [], []
+            for a, b in pairs:
+                if not (has_signal(load_profile(a)) and has_signal(load_profile(b))):
+                    r.append(float("nan"))
+                    each.append("no signal")
+                    continue
+                r.append(P.amplification(load_profile(b), load_profile(a), normalised))
+                each.append("no shift" if r[-1] != r[-1] else f"{r[-1]:+.2f}")
+            cells.append(f"{mean_sd(r, 2)} ({', '.join(each)})")
             summary[f"{arm}/{'normalised' if normalised else 'raw'}"] = r
-        lines.append(f"| {arm} | {policy} | {base} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {arm} | {policy} | {cells[0]} | {cells[1]} |")
     return lines, summary
 
 
 def figures(runs: dict, out: str) -> list[str]:
-    """shares.png, amplification.png, curves.png; [] without matplotlib."""
+    """capacity.png, shares.png, amplification.png, curves.png; [] without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -129,61 +270,71 @@ def figures(runs: dict, out: str) -> list[str]:
     except ImportError:
         return []
     made = []
-    # 1. per-layer shares: uniform against every arm, mean over seeds
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for arm in [a for a in ARMS if a in runs and a != "base"]:
-        for ax, normalised in zip(axes, (False, True)):
-            shares = np.mean([P.layer_shares(load_profile(d), normalised) for d in runs[arm].values()], 0)
-            style = dict(lw=2.5, color="black") if arm == "uniform" else dict(lw=1, alpha=0.8)
-            ax.plot(np.arange(len(shares)), shares, "o-", ms=3, label=arm, **style)
-    for ax, title in zip(axes, ("raw", "rank-normalised (each norm ÷ s·√r)")):
-        ax.set(title=f"gradient share per layer, {title}", xlabel="layer", ylabel="% of the gradient")
+    # 1. the positive control: accuracy against rank, per regime, each with its seeds' t interval
+    _, cap = capacity_table(runs)
+    if cap:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for regime, rows in cap.items():
+            rs = sorted(rows)
+            m = np.array([rows[r]["mean"] for r in rs])
+            lo, hi = (np.array([rows[r]["ci95"][i] for r in rs]) for i in (0, 1))
+            ax.errorbar(rs, m, yerr=[m - lo, hi - m], fmt="o-", capsize=3, label=regime.upper())
+            for r in rs:
+                ax.scatter([r] * len(rows[r]["accuracy"]), rows[r]["accuracy"], s=8, alpha=0.4, color="grey")
+        if "base" in runs:
+            ax.axhline(accuracy(runs["base"][None]), color="black", lw=0.8, ls="--", label="base model")
+        ax.set_xscale("log", base=2)
+        ax.set(title="capacity: uniform rank r (mean, t 95% interval; dots: seeds)", xlabel="LoRA rank r",
+               ylabel="held-out accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
+        ax.legend()
+        made.append(_save(fig, plt, out, "capacity.png"))
+    # 2. per-layer shares, mean over seeds, with the step-0 reference dashed
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, arm in enumerate(a for a in FLATNESS if a in runs):
+        profiles = [load_profile(d) for d in runs[arm].values()]
+        for steps, ls, what in ((slice(None), "-", "over training"), (slice(0, 1), "--", "step 0")):
+            live = [P.layer_shares(p, steps=steps) for p in profiles if has_signal(p, steps)]
+            if live:
+                shares = np.mean(live, 0)
+                ax.plot(np.arange(len(shares)), shares, "o" + ls, ms=3, color=f"C{i}", label=f"{arm}, {what}")
+    ax.set(title="gradient share per layer (mean over seeds)", xlabel="layer", ylabel="% of the gradient")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     made.append(_save(fig, plt, out, "shares.png"))
-    # 2. rank vs change of share, one column per scale policy (the random arms: the study's control)
-    panels = [(a, b, p) for a, b, p in AMPLIFICATION if a.startswith("random") and a in runs and b in runs]
+    # 3. rank vs change of share for the random arms (the study's control), seeds pooled
+    panels = [(a, p) for a, p in AMPLIFICATION if a.startswith("random") and a in runs and "uniform" in runs]
     if panels:
         fig, axes = plt.subplots(2, len(panels), figsize=(4.5 * len(panels), 7.5), squeeze=False)
-        for j, (arm, base, policy) in enumerate(panels):
+        for j, (arm, policy) in enumerate(panels):
             for i, normalised in enumerate((False, True)):
                 ax, xs, ys = axes[i][j], [], []
                 for s in runs[arm]:
-                    if s in runs[base]:
-                        a, b = load_profile(runs[arm][s]), load_profile(runs[base][s])
+                    if s in runs["uniform"]:
+                        a, b = load_profile(runs[arm][s]), load_profile(runs["uniform"][s])
                         xs += list(a.layer_ranks)
                         ys += list(P.layer_shares(a, normalised) - P.layer_shares(b, normalised))
                 ax.scatter(xs, ys, s=12, alpha=0.7)
                 ax.axhline(0, color="grey", lw=0.8)
                 view = "normalised" if normalised else "raw"
-                ax.set(title=f"{policy}, {view}: r = {P.pearson(xs, ys):+.2f} (seeds pooled)",
+                ax.set(title=f"{policy}, {view}: r = {fmt(P.pearson(xs, ys), 2, True)} (seeds pooled)",
                        xlabel="layer rank", ylabel="share change vs uniform (points)")
                 ax.grid(alpha=0.3)
         made.append(_save(fig, plt, out, "amplification.png"))
-    # 3. training reward and correctness, smoothed, mean over seeds; held-out accuracy per arm
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for arm in [a for a in ARMS if a in runs and a != "base"]:
+    # 4. training correctness (GRPO arms), smoothed, mean over seeds
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for arm in [a for a in MAIN + SIDE if a in runs and a != "base"]:
         curves = [[json.loads(line) for line in open(os.path.join(d, rundir.METRICS))] for d in runs[arm].values()]
-        if "reward" not in curves[0][0]:
+        if "reward/correct" not in curves[0][0]:
             continue  # SFT: no reward
-        for ax, key in zip(axes, ("reward", "reward/correct")):
-            y = np.mean([[m[key] for m in c] for c in curves], 0)
-            k = max(1, len(y) // 10)
-            ax.plot(np.arange(k, len(y) + 1), np.convolve(y, np.ones(k) / k, "valid"), label=arm)
-    for ax, title in zip(axes, ("training reward (moving mean)", "training correctness (moving mean)")):
-        ax.set(title=title, xlabel="step")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    arms = [a for a in ARMS if a in runs]
-    for x, arm in enumerate(arms):  # each seed a little to the right of the last
-        for i, d in enumerate(runs[arm].values()):
-            r = report.load_results(d)
-            acc, lo, hi = (100 * v for v in (r["accuracy"], *r["ci95"]))
-            axes[2].errorbar(x + 0.15 * (i - (len(runs[arm]) - 1) / 2), acc, yerr=[[acc - lo], [hi - acc]], fmt="o",
-                             ms=4, capsize=2, color=f"C{x % 10}")
-    axes[2].set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=8)
-    axes[2].set(title="held-out accuracy, each run with its 95% Wilson interval", ylabel="%")
-    axes[2].grid(alpha=0.3)
+        y = np.mean([[m["reward/correct"] for m in c] for c in curves], 0)
+        k = max(1, len(y) // 10)
+        ax.plot(np.arange(k, len(y) + 1), np.convolve(y, np.ones(k) / k, "valid"), label=arm)
+    ax.set(title="training correctness (moving mean, mean over seeds)", xlabel="step")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     made.append(_save(fig, plt, out, "curves.png"))
     return made
 
@@ -195,27 +346,61 @@ def _save(fig, plt, out: str, name: str) -> str:
     return name
 
 
+def provenance(runs: dict) -> str:
+    """The code and the PyTorch build the runs were made with (from their results.json), as one line."""
+    seen = set()
+    for seeds in runs.values():
+        for d in seeds.values():
+            r = load_results(d)
+            seen.add((r.get("code_version", "not recorded"), r.get("torch_version", "not recorded")))
+    return "; ".join(f"code {c}, torch {t}" for c, t in sorted(seen))
+
+
 def write(out: str) -> str:
     """REPORT.md (tables and figures), summary.json (the numbers) in `out`; returns REPORT.md's path."""
     runs = collect(out)
     if not runs:
         raise SystemExit(f"error: {out}: no finished run of the study's arms ({', '.join(ARMS)})")
     acc, acc_sum = accuracy_table(runs)
+    cap, cap_sum = capacity_table(runs)
     flat, flat_sum = flatness_table(runs)
+    corr, corr_sum = correlation_table(runs)
     amp, amp_sum = amplification_table(runs)
     made = figures(runs, out)
     missing = [a for a in ARMS if a not in runs]
     text = ["# The study in miniature: report", "",
             f"Finished runs: {sum(len(v) for v in runs.values())}" +
-            (f"; arms without a finished run: {', '.join(missing)}" if missing else ""), "",
-            "## Accuracy", "", *acc, "", "## Flatness of the gradient profile", "", *flat, "",
-            "## Amplification: does gradient share follow rank?", "", *amp, ""]
+            (f"; arms without a finished run: {', '.join(missing)}" if missing else "") + ".",
+            f"Made with: {provenance(runs)}.", "",
+            "## Accuracy, the seed as the unit", "",
+            "Each seed of an arm against the same seed of its reference; intervals are Student's t over seeds, "
+            "p is the exact sign-flip test (its smallest possible value is 2/2^n), and a null result carries the "
+            "smallest difference the seeds could have detected (stats.py).", "", *acc, ""]
+    if cap:
+        text += ["## Capacity: the positive control", "", *cap, ""]
+    text += ["## Test-set noise of single pairs (McNemar, per seed: not a verdict)", "", *mcnemar_table(runs), "",
+             "## Flatness of the gradient profile, and its reference at step 0", "", *flat, "", *corr, "",
+             "## Amplification: does gradient share follow rank?", "", *amp, ""]
     text += [f"![{name}]({name})" for name in made] or ["(figures need matplotlib: pip install matplotlib)"]
     path = os.path.join(out, "REPORT.md")
     rundir.atomic_lines(path, [line + "\n" for line in text])
-    rundir.atomic_json(os.path.join(out, "summary.json"),
-                       {"accuracy": acc_sum, "flatness": flat_sum, "amplification": amp_sum, "figures": made})
+    rundir.atomic_json(os.path.join(out, "summary.json"), _finite(
+        {"accuracy": acc_sum, "capacity": cap_sum, "flatness": flat_sum, "stability": corr_sum,
+         "amplification": amp_sum, "figures": made}))
     return path
+
+
+def _finite(x):
+    """summary.json without NaN (not JSON): a statistic that could not be computed is null."""
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if math.isnan(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
 
 
 if __name__ == "__main__":

@@ -216,7 +216,8 @@ class Run:
         if parallel.is_main():
             with open(os.path.join(self.dir, rundir.METRICS), "a") as f:
                 f.write(json.dumps(m) + "\n")
-        log(progress_line(self.step, self.cfg.steps, m, m["time_step"], per_step * (self.cfg.steps - self.step)))
+        log(progress_line(self.step, self.cfg.steps, m, m["time_step"], per_step * (self.cfg.steps - self.step),
+                          kl_measured=self.cfg.beta != 0))
         return m
 
 
@@ -241,12 +242,13 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def progress_line(step: int, total: int, m: dict, sec: float, eta: float) -> str:
+def progress_line(step: int, total: int, m: dict, sec: float, eta: float, kl_measured: bool = True) -> str:
     if "reward" not in m:  # SFT
         body = f"loss {m['loss']:.4f} | grad {m['grad_norm']:.3f} | tokens {m['tokens']}"
-    else:
+    else:  # with beta = 0 the KL term is not computed (grpo.per_token_loss): "off", not a measured 0
+        kl = f"{m['kl']:.4f}" if kl_measured else "off (beta 0)"
         body = (f"reward {m['reward']:.3f} | acc {m['reward/correct']:.2f} | fmt {m['reward/format']:.2f} | "
-                f"kl {m['kl']:.4f} | len {m['completion_len']:.0f}")
+                f"kl {kl} | len {m['completion_len']:.0f}")
     return f"step {step:>4}/{total} | {body} | {sec:.2f}s/step | ETA {fmt_time(eta)}"
 
 
@@ -365,7 +367,8 @@ def finish(run: Run, t_total: float):
                "lora_params": lora.count_lora_params(run.model)["total"] if run.ranks else 0,
                "accuracy": res["accuracy"], "ci95": res["ci95"], "n": res["n"], "correct": res["correct"],
                "format_rate": res["format_rate"], "lenient_accuracy": res["lenient_accuracy"],
-               "steps": run.step, "time_s": t_total, "train_tokens": tokens}
+               "steps": run.step, "time_s": t_total, "train_tokens": tokens,
+               "code_version": rundir.code_version(), "torch_version": torch.__version__}
     if cfg.strategy == "dynamic":
         results["final_layer_ranks"] = dynamic.layer_ranks(run.model)
     if parallel.is_main():

@@ -1,7 +1,10 @@
 """organism.py: the problem generator, and a (very small) organism's build, cache and loading."""
 
+import json
 import os
 import re
+
+import pytest
 
 import evaluate
 import gsm8k
@@ -79,7 +82,7 @@ def test_grpo_raises_the_reward_of_a_small_organism(tmp_path):
     import sys
     from conftest import ROOT
     recipe = organism.Recipe(n_train=400, n_test=40, lo=2, hi=5, max_ops=2, layers=2, hidden=64, intermediate=128,
-                             sft_steps=600, batch=16)
+                             sft_steps=600, batch=16, tie_embeddings=True, embed_std=None)
     folder = organism.build(recipe, str(tmp_path / "cache"), log=lambda s: None)
     flags = ["--model", folder, "--data", folder, "--data-unverified", "--device", "cpu", "--threads", "1",
              "--steps", "40", "--prompts-per-step", "8", "--num-generations", "8", "--max-new-tokens", "64",
@@ -92,3 +95,31 @@ def test_grpo_raises_the_reward_of_a_small_organism(tmp_path):
     reward = [json.loads(line)["reward"] for line in open(tmp_path / "run" / "metrics.jsonl")]
     first, last = sum(reward[:10]) / 10, sum(reward[-10:]) / 10
     assert last > first + 0.05, (first, last, reward)
+
+
+def test_untied_embeddings_set_the_residual_scale_at_layer_0(tmp_path):
+    """embed_std draws the untied embedding at that scale: the residual stream entering layer 0 has RMS
+    ~ embed_std (measured by residual_rms), where the tied default leaves it at init_std. A tied
+    recipe with embed_std is refused (the lm_head would share the scale)."""
+    untied = organism.Recipe(**{**SMALL.__dict__, "sft_steps": 1, "tie_embeddings": False, "embed_std": 2.0})
+    tied = organism.Recipe(**{**SMALL.__dict__, "sft_steps": 1, "tie_embeddings": True, "embed_std": None})
+    rms = {}
+    for name, recipe in (("untied", untied), ("tied", tied)):
+        folder = organism.build(recipe, str(tmp_path / name), log=lambda s: None)
+        model, tok = M.from_pretrained(folder, device="cpu"), M.load_tokenizer(folder)
+        assert model.config.tie_word_embeddings == (name == "tied")
+        rms[name] = organism.residual_rms(model, tok, organism.problems(recipe)[1][:4])
+        assert len(rms[name]) == recipe.layers + 1  # each layer's input, then the final norm's
+    assert 1.8 < rms["untied"][0] < 2.2 and 0.04 < rms["tied"][0] < 0.06
+    bad = organism.Recipe(**{**SMALL.__dict__, "embed_std": 2.0, "tie_embeddings": True})
+    with pytest.raises(ValueError, match="embed_std needs tie_embeddings=False"):
+        organism.build(bad, str(tmp_path / "bad"), log=lambda s: None)
+
+
+def test_the_command_line_takes_the_recipe_booleans(tmp_path, capsys):
+    organism.main(["--root", str(tmp_path), "--n-train", "32", "--n-test", "8", "--layers", "1", "--hidden", "32",
+                   "--intermediate", "64", "--sft-steps", "1", "--batch", "2", "--vocab-size", "300",
+                   "--no-tie-embeddings", "--embed-std", "1.5"])
+    folder = capsys.readouterr().out.strip().splitlines()[-1]
+    recipe = json.load(open(os.path.join(folder, "recipe.json")))
+    assert recipe["tie_embeddings"] is False and recipe["embed_std"] == 1.5

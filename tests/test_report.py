@@ -55,3 +55,19 @@ def test_compare_refuses_runs_evaluated_on_different_problems(tmp_path):
     b = write_eval(tmp_path / "b", {i: True for i in range(5, 15)})
     with pytest.raises(SystemExit, match="different problems .10 and 10 problems, 5 shared"):
         R.compare(a, b)
+
+
+def test_compare_of_two_seed_folders_pairs_them_by_seed(tmp_path, capsys):
+    for arm, accs in (("a", {0: 0.5, 1: 0.6, 2: 0.4}), ("b", {0: 0.45, 1: 0.5, 2: 0.38, 3: 0.9})):
+        for s, acc in accs.items():
+            d = tmp_path / arm / f"seed{s}"
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps({"accuracy": acc}))
+    r = R.compare_seeds(str(tmp_path / "a"), str(tmp_path / "b"))  # seed 3 has no partner: left out
+    assert r["per_seed"] == pytest.approx({0: 5.0, 1: 10.0, 2: 2.0})
+    assert r["mean"] == pytest.approx(17 / 3) and r["p_sign_flip"] == pytest.approx(2 / 8)
+    R.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    assert "3 seeds paired: seed 0 +5.0, seed 1 +10.0, seed 2 +2.0" in out and "sign-flip p = 0.250" in out
+    with pytest.raises(SystemExit, match="share no finished"):
+        R.compare_seeds(str(tmp_path / "a"), str(tmp_path / "nothing"))

@@ -2,6 +2,7 @@
 report is built from the run folders alone."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -23,16 +24,38 @@ def study_cmd(out, *extra):
 
 
 def test_the_matrix_has_every_arm_and_its_dependencies():
-    jobs = study.matrix("s", [0, 1], [], preset="tiny")
+    jobs = study.matrix("s", [0, 1, 2], [0, 1], [], preset="tiny")
     names = [j.dir_name for j in jobs]
-    assert len(jobs) == 1 + 9 * 2 and len(set(names)) == len(names)
-    assert {j.arm for j in jobs} == set(study_report.ARMS)
+    main, side = len(study_report.MAIN) - 1, len(study_report.SIDE) + len(study_report.SWEEP)
+    assert len(jobs) == 1 + main * 3 + side * 2 and len(set(names)) == len(names)
+    assert {j.arm for j in jobs} == set(study_report.ARMS) and "uniform-rslora" not in study_report.ARMS
     for j in jobs:
         assert j.flags[:2] == ["--preset", "tiny"]
         if j.arm in ("proportional", "reduced"):  # from the same seed's uniform profile, scheduled after it
             assert j.needs == os.path.join("s", "uniform", f"seed{j.seed}") and j.needs in " ".join(j.flags)
             assert names.index(j.dir_name) > names.index(f"uniform{os.sep}seed{j.seed}")
+        if j.arm in study_report.SIDE + study_report.SWEEP:
+            assert j.seed in (0, 1)
+        if (rank := study_report.sweep_rank(j.arm)) and j.arm in study_report.SWEEP:
+            regime, r = rank
+            assert j.flags[j.flags.index("--rank") + 1] == str(r) and ("--algo" in j.flags) == (regime == "sft")
+    quick = [j for j in jobs if j.arm in study_report.MAIN]  # the quick study's runs come first
+    assert jobs[:len(quick)] == quick and jobs[len(quick)].arm in study_report.SWEEP
     assert "--scale-policy" not in " ".join(next(j for j in jobs if j.arm == "uniform").flags)
+    rslora = next(j for j in jobs if j.arm == "random-rslora").flags
+    alpha = float(rslora[rslora.index("--alpha") + 1])  # the fixed policy's scale at r0, to the last bit
+    assert alpha / math.sqrt(study_report.R0) == pytest.approx(16.0 / study_report.R0, rel=1e-15)
+
+
+def test_a_study_folder_keeps_its_settings(tmp_path):
+    study.check_settings(str(tmp_path / "s"), {"preset": "tiny", "steps": 4})
+    study.check_settings(str(tmp_path / "s"), {"preset": "tiny", "steps": 4})  # the same: fine
+    with pytest.raises(SystemExit, match="steps: 4 there, 6 now"):
+        study.check_settings(str(tmp_path / "s"), {"preset": "tiny", "steps": 6})
+    for bad, why in ((["--seeds", "0,0"], "distinct"), (["--seeds", "a"], "comma-separated"),
+                     (["--steps", "-1"], "must be >= 1"), (["--preset", "nosuch"], "unknown")):
+        with pytest.raises(SystemExit, match=why):
+            study.main(["--out", str(tmp_path / "x"), *bad])
 
 
 def test_a_killed_study_resumes_and_skips_finished_runs_then_reports(tmp_path):
@@ -67,7 +90,7 @@ def test_a_killed_study_resumes_and_skips_finished_runs_then_reports(tmp_path):
     for arm in ("base", "uniform", "proportional", "random-rslora", "sft-uniform"):
         assert f"| {arm} |" in report
     assert set(summary["accuracy"]) == {"base", "uniform", "proportional", "random-rslora", "sft-uniform"}
-    assert "proportional/raw" in summary["amplification"] and "sft-uniform/normalised" in summary["flatness"]
+    assert "proportional/raw" in summary["amplification"] and "sft-uniform/over training" in summary["flatness"]
     import shutil  # the report needs the run folders alone: a copy without the logs gives the same report
     for arm in summary["accuracy"]:
         shutil.copytree(out / arm, tmp_path / "copy" / arm)
@@ -75,6 +98,5 @@ def test_a_killed_study_resumes_and_skips_finished_runs_then_reports(tmp_path):
     with pytest.raises(SystemExit, match="no finished run"):
         study_report.write(str(tmp_path / "empty"))
     pytest.importorskip("matplotlib")
-    for name in ("shares.png", "amplification.png", "curves.png"):
-        if name != "amplification.png":  # needs a random arm with its uniform: random-rslora lacks uniform-rslora
-            assert (out / name).read_bytes()[:4] == b"\x89PNG" and f"]({name})" in report
+    for name in ("capacity.png", "shares.png", "amplification.png", "curves.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG" and f"]({name})" in report
