@@ -143,6 +143,10 @@ def read_shares(run_dir: str, normalised: bool = False) -> list[float]:
         raise FileNotFoundError(f"{path}: no gradient profile summary (run a uniform arm first: "
                                 f"python train.py --strategy uniform)")
     summary = rundir.read_json(path)
+    if isinstance(summary, dict) and isinstance(summary.get("raw"), dict) and summary["raw"].get("no_signal"):
+        raise ValueError(f"{path}: the profile carries no gradient: in all {summary['raw'].get('steps')} steps every "
+                         f"group's rewards tied, so every advantage was 0 (no reward signal); there is nothing to "
+                         f"allocate from (check the rewards: metrics.jsonl's no_signal and zero_std_groups)")
     try:
         shares = summary["normalised" if normalised else "raw"]["shares"]
     except (KeyError, TypeError) as e:

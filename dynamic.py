@@ -57,6 +57,18 @@ def reallocate(model, profiler, optimizer, *, budget: int, bounds: tuple[int, in
     return ranks
 
 
+def no_signal(profiler, cfg: DynamicConfig, budget: int, bounds: tuple[int, int]) -> str | None:
+    """Why the recent profile cannot drive a move (None when it can): layers without any gradient in
+    the window (no reward signal reached them) would be pinned at r_min and the budget may not fit."""
+    importance = layer_norms(profiler.profile(), cfg.normalised)[-cfg.window:].mean(0)
+    dead = int((importance == 0).sum())
+    if dead == len(importance):
+        return f"no gradient in the last {cfg.window} profiled steps (every group's rewards tied: no reward signal)"
+    if dead and budget > (len(importance) - dead) * bounds[1] + dead * bounds[0]:
+        return f"{dead} of {len(importance)} layers had no gradient in the last {cfg.window} profiled steps"
+    return None
+
+
 def apply_layer_ranks(model, layer_ranks: list[int], scale_of: Callable[[int], float], optimizer=None):
     """Give every adapter of layer i rank layer_ranks[i], with the scale `scale_of` gives that rank."""
     for path, m in lora.lora_modules(model).items():

@@ -266,6 +266,8 @@ def rollout_metrics(batch: Rollout, reward_names: list[str], num_generations: in
         metrics[f"reward/{name}"] = batch.rewards[:, j].mean().item()
         metrics[f"reward/{name}_std"] = batch.rewards[:, j].std().item() if total.numel() > 1 else 0.0
     metrics["zero_std_groups"] = (grouped.max(-1).values == grouped.min(-1).values).float().mean().item()
+    # every group tied: every advantage is 0 and the policy gradient with it (only a KL term can pull)
+    metrics["no_signal"] = metrics["zero_std_groups"] == 1.0
     metrics["completion_len"] = batch.lengths.float().mean().item()
     metrics["completion_len_max"] = int(batch.lengths.max())
     metrics["truncated"] = batch.truncated.float().mean().item()

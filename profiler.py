@@ -172,7 +172,15 @@ def layer_norms(p: Profile, normalised: bool = False) -> np.ndarray:
 def layer_shares(p: Profile, normalised: bool = False, steps: slice = slice(None), power: int = 1) -> np.ndarray:
     """Each layer's share (%) of the total gradient, from its mean norm (power=2: squared norm) over `steps`."""
     mean = (layer_norms(p, normalised)[steps] ** power).mean(0)
+    if not mean.sum() > 0:  # no gradient at all in these steps (no reward signal): no share exists
+        return np.full_like(mean, np.nan)
     return 100 * mean / mean.sum()
+
+
+def steps_without_gradient(p: Profile) -> int:
+    """Recorded steps whose every adapter gradient is zero: in GRPO, steps where every group's rewards
+    tied (all advantages 0) and no KL term pulled."""
+    return int((np.nansum(p.grad_norms, axis=(1, 2, 3)) == 0).sum())
 
 
 def top_share(shares: np.ndarray, fraction: float = 0.3, rounding: str = "interpolate") -> float:
@@ -188,7 +196,7 @@ def top_share(shares: np.ndarray, fraction: float = 0.3, rounding: str = "interp
 
 def pearson(x, y) -> float:
     x, y = np.asarray(x, float), np.asarray(y, float)
-    if x.std() == 0 or y.std() == 0:
+    if not (np.isfinite(x).all() and np.isfinite(y).all()) or x.std() == 0 or y.std() == 0:
         return float("nan")
     return float(np.corrcoef(x, y)[0, 1])
 
@@ -201,16 +209,23 @@ def early_late(p: Profile, normalised: bool = False, part: int = 3) -> float:
 
 
 def flatness(p: Profile, normalised: bool = False) -> dict:
-    """The study's statistics for one run (see DEFINITIONS), with the alternatives beside them."""
+    """The study's statistics for one run (see DEFINITIONS), with the alternatives beside them;
+    {"no_signal": True, ...} alone when the profile holds no gradient at all (every share would be 0/0).
+    A correlation that cannot be computed (a third of the steps without gradient) is None."""
     s = layer_shares(p, normalised)
+    if np.isnan(s).any():
+        return {"no_signal": True, "steps": len(p.grad_norms), "steps_without_gradient": steps_without_gradient(p)}
     sq = layer_shares(p, normalised, power=2)
+    corr = lambda x: None if math.isnan(x) else x
     return {"hottest_layer": int(s.argmax()), "hottest_share": float(s.max()), "coldest_layer": int(s.argmin()),
             "coldest_share": float(s.min()), "max_min_ratio": float(s.max() / s.min()),
             "max_min_ratio_squared": float(sq.max() / sq.min()),
             "top30_share": top_share(s, 0.3), "top30_share_floor": top_share(s, 0.3, "floor"),
             "top30_share_ceil": top_share(s, 0.3, "ceil"),
-            "early_late_corr": early_late(p, normalised), "early_late_corr_halves": early_late(p, normalised, 2),
-            "steps": len(p.grad_norms), "shares": [float(x) for x in s]}
+            "early_late_corr": corr(early_late(p, normalised)),
+            "early_late_corr_halves": corr(early_late(p, normalised, 2)),
+            "steps": len(p.grad_norms), "steps_without_gradient": steps_without_gradient(p),
+            "shares": [float(x) for x in s]}
 
 
 def amplification(base: Profile, other: Profile, normalised: bool = False) -> float:
@@ -245,6 +260,10 @@ def fmt_amp(x: float) -> str:
     return "no shift" if math.isnan(x) else f"{x:.3f}"
 
 
+def fmt_corr(x: float | None) -> str:
+    return "no signal" if x is None else f"{x:.3f}"
+
+
 def report(run_dirs: list[str]) -> str:
     """The flatness statistics of each run, raw and rank-normalised, amplification vs a uniform run, and
     the same statistics under the alternative definitions."""
@@ -261,14 +280,19 @@ def report(run_dirs: list[str]) -> str:
         policy = c.get("scale_policy", "?")
         for view, norm in (("raw", False), ("norm", True)):
             f = flatness(p, norm)
-            amp = "" if base is None or np.ptp(p.layer_ranks) == 0 else fmt_amp(amplification(base, p, norm))
+            if f.get("no_signal"):
+                lines.append(f"{label:<{w}} {c.get('algo', '?'):<4} {policy:<8} {view:<4} {f['steps']:>5} "
+                             f"no signal: every recorded step's gradient is zero")
+                continue
+            amp = "" if base is None or np.ptp(p.layer_ranks) == 0 else \
+                "no signal" if flatness(base, norm).get("no_signal") else fmt_amp(amplification(base, p, norm))
             lines.append(f"{label:<{w}} {c.get('algo', '?'):<4} {policy:<8} {view:<4} {f['steps']:>5} "
                          f"{f['hottest_share']:>5.2f}({f['hottest_layer']:>2}) {f['coldest_share']:>5.2f}"
                          f"({f['coldest_layer']:>2}) {f['max_min_ratio']:>7.2f} {f['top30_share']:>6.1f} "
-                         f"{f['early_late_corr']:>10.3f} {amp:>10}")
+                         f"{fmt_corr(f['early_late_corr']):>10} {amp:>10}")
             alternatives.append(f"{label:<{w}} {view:<4} {f['max_min_ratio_squared']:>11.2f} "
                                 f"{f['top30_share_floor']:>7.1f} {f['top30_share_ceil']:>7.1f} "
-                                f"{f['early_late_corr_halves']:>11.3f}")
+                                f"{fmt_corr(f['early_late_corr_halves']):>11}")
     if base is None and len(profiles) > 1:
         lines.append("(no run with uniform ranks among these: rank~shift needs one as the baseline)")
     k = 0.3 * profiles[0].grad_norms.shape[1]

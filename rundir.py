@@ -20,12 +20,18 @@ version whole. train.py, report.py, profiler.py and allocate.py name these files
 only. Readers raise ValueError or OSError naming the file (and line); command lines turn those into
 one-line errors.
 
-Left out: what the files mean (profiler.py, evaluate.py, checkpoint.py) and locking between writers:
-only one process (rank 0) writes a run folder.
+One writer per run folder: the writing process holds an exclusive lock on <run>/.lock for the run's
+life (`hold`); a second train.py on the same folder (a rerun of a killed study beside its orphans, a
+--resume typed twice) is refused in one line naming the holder's pid. The kernel drops the lock when
+its holder dies, however it dies, so a stale lock never blocks a resume.
+
+Left out: what the files mean (profiler.py, evaluate.py, checkpoint.py); under torchrun only rank 0
+writes, and only it holds the lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
@@ -123,6 +129,29 @@ def count_lines(path: str) -> int:
 
 def is_finished(run_dir: str) -> bool:
     return os.path.isfile(os.path.join(run_dir, RESULTS))
+
+
+LOCK = ".lock"
+
+
+def hold(run_dir: str):
+    """Take the run folder's writer lock (kept until the returned file is closed or the process ends);
+    ValueError naming the holder's pid if another process has it."""
+    path = os.path.join(run_dir, LOCK)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(f"{run_dir} is being written by another process (pid {holder}, holding {path}); "
+                         f"wait for it or stop it first: one writer per run folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def check_out(run_dir: str):

@@ -84,7 +84,7 @@ def paired(diffs) -> dict:
     mean = float(d.mean())
     if n < 2:
         nan = float("nan")
-        return {"n": 1, "mean": mean, "sd": nan, "ci95": (nan, nan), "p_sign_flip": 1.0, "detectable": nan}
+        return {"n": 1, "mean": mean, "sd": nan, "ci95": (nan, nan), "p_sign_flip": nan, "detectable": nan}
     sd = float(d.std(ddof=1))
     half = t_ppf(0.975, n - 1) * sd / math.sqrt(n)
     return {"n": n, "mean": mean, "sd": sd, "ci95": (mean - half, mean + half), "p_sign_flip": sign_flip_p(d),

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -101,6 +102,16 @@ def command(job: Job, out: str) -> list[str]:
     return [sys.executable, os.path.join(HERE, "train.py"), *job.flags, "--threads", "1", "--out", run_dir]
 
 
+def die_with_parent():
+    """In a child, before exec: ask Linux to send it SIGTERM when study.py dies, however it dies, so a
+    killed study leaves no run writing behind it (its folder lock would refuse the rerun's resume)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the folder lock still keeps an orphan and a rerun apart
+
+
 def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
@@ -136,7 +147,7 @@ def run_matrix(jobs: list[Job], out: str, parallel: int, log=print) -> list[str]
             path = os.path.join(out, "logs", job.dir_name.replace(os.sep, "-") + ".log")
             logf = open(path, "a")
             proc = subprocess.Popen(command(job, out), stdout=logf, stderr=subprocess.STDOUT, cwd=HERE,
-                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=die_with_parent)
             running.append((job, proc, time.perf_counter(), logf))
         time.sleep(0.2)
     return list(failed.values())

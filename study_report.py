@@ -84,6 +84,21 @@ def collect(out: str) -> dict[str, dict[int | None, str]]:
     return runs
 
 
+def check_comparable(runs: dict, out: str):
+    """One preset and one run length in a report (the base model trains nothing: its length is free);
+    a mix is refused in one line, since every paired difference would compare unlike runs."""
+    kinds = {}
+    for arm, seeds in runs.items():
+        for d in seeds.values():
+            steps = None if arm == "base" else load_results(d).get("steps")
+            kinds.setdefault(P.run_config(d).get("preset"), {}).setdefault(steps, []).append(d)
+    lengths = {s for by_steps in kinds.values() for s in by_steps if s is not None}
+    if len(kinds) > 1 or len(lengths) > 1:
+        mix = "; ".join(f"preset {p}, {s if s is not None else 'any'} steps: {len(ds)} run(s), e.g. {ds[0]}"
+                        for p, by_steps in kinds.items() for s, ds in by_steps.items())
+        raise SystemExit(f"error: {out} mixes runs of different presets or lengths ({mix}); report them apart")
+
+
 def accuracy(run_dir: str) -> float:
     return 100 * load_results(run_dir)["accuracy"]
 
@@ -105,14 +120,14 @@ def fmt(x: float, digits: int = 1, sign: bool = False) -> str:
     return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
 
-def verdict(p: dict) -> str:
+def verdict(p: dict, digits: int = 1) -> str:
     """One line: a difference, or a null result with the smallest difference it could have seen."""
     if p["n"] < 2:
         return "one seed: no interval"
     lo, hi = p["ci95"]
     if lo > 0 or hi < 0:
-        return f"differs (interval excludes 0)"
-    return f"no difference seen; detectable: {fmt(p['detectable'])}"
+        return "differs (interval excludes 0)"
+    return f"no difference seen; detectable: {fmt(p['detectable'], digits)}"
 
 
 def accuracy_table(runs: dict) -> tuple[list[str], dict]:
@@ -191,19 +206,48 @@ def flatness_table(runs: dict) -> tuple[list[str], dict]:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     summary = {}
     for arm in [a for a in FLATNESS if a in runs]:
-        profiles = [load_profile(d) for d in runs[arm].values()]
-        for view, steps in (("over training", slice(None)), ("step 0", slice(0, 1))):
-            live = [p for p in profiles if has_signal(p, steps)]
+        profiles = {s: load_profile(d) for s, d in runs[arm].items()}
+        for view in ("over training", "step 0"):
+            steps = _steps(view)
+            live = {s: p for s, p in profiles.items() if has_signal(p, steps)}
             if not live:
                 lines.append(f"| {arm} | {view} | {len(profiles)} | no signal |" + " |" * 7)
                 continue
-            each = [shape(P.layer_shares(p, steps=steps)) for p in live]
-            row = {k: [e[k] for e in each] for k in keys + ("hottest",)}
+            each = [shape(P.layer_shares(p, steps=steps)) for p in live.values()]
+            row = {"seeds": list(live), **{k: [e[k] for e in each] for k in keys + ("hottest",)}}
             digits = {"max_min": 2, "eff": 3, "eff_no0": 3, "gini": 3, "gini_no0": 3}
             lines.append(f"| {arm} | {view} | {len(live)} | " + " | ".join(
                 mean_sd(row[k], digits.get(k, 1)) for k in keys) + f" | {', '.join(map(str, row['hottest']))} |")
             summary[f"{arm}/{view}"] = row
     return lines, summary
+
+
+def flatness_comparisons(runs: dict, flat: dict) -> tuple[list[str], dict]:
+    """Is GRPO's profile flatter than its reference? Paired by seed: over training minus step 0 (the
+    same run), and GRPO minus SFT (the same seed), of effective layers / L and Gini."""
+    lines = ["| comparison | measure | per-seed difference: mean [t 95%] | detectable at 80% power | verdict |",
+             "| --- | --- | --- | --- | --- |"]
+    summary = {}
+    pairs = [(f"{arm}: over training - step 0", arm, "over training", arm, "step 0") for arm in FLATNESS]
+    pairs.append(("GRPO - SFT (uniform, over training)", "uniform", "over training", "sft-uniform", "over training"))
+    for name, arm_a, view_a, arm_b, view_b in pairs:
+        a, b = flat.get(f"{arm_a}/{view_a}"), flat.get(f"{arm_b}/{view_b}")
+        if not (a and b):
+            continue
+        for key, label in (("eff", "eff. layers / L"), ("gini", "Gini")):
+            va, vb = dict(zip(a["seeds"], a[key])), dict(zip(b["seeds"], b[key]))
+            diffs = [va[s] - vb[s] for s in va if s in vb]
+            if not diffs:
+                continue
+            p = stats.paired(diffs)
+            lines.append(f"| {name} | {label} | {fmt(p['mean'], 3, True)} [{fmt(p['ci95'][0], 3, True)}, "
+                         f"{fmt(p['ci95'][1], 3, True)}] | {fmt(p['detectable'], 3)} | {verdict(p, 3)} |")
+            summary[f"{name}/{key}"] = {"diffs": diffs, **p}
+    return (lines if summary else []), summary
+
+
+def _steps(view: str) -> slice:
+    return slice(0, 1) if view == "step 0" else slice(None)
 
 
 def correlation_table(runs: dict) -> tuple[list[str], dict]:
@@ -361,9 +405,11 @@ def write(out: str) -> str:
     runs = collect(out)
     if not runs:
         raise SystemExit(f"error: {out}: no finished run of the study's arms ({', '.join(ARMS)})")
+    check_comparable(runs, out)
     acc, acc_sum = accuracy_table(runs)
     cap, cap_sum = capacity_table(runs)
     flat, flat_sum = flatness_table(runs)
+    flat_cmp, flat_cmp_sum = flatness_comparisons(runs, flat_sum)
     corr, corr_sum = correlation_table(runs)
     amp, amp_sum = amplification_table(runs)
     made = figures(runs, out)
@@ -379,13 +425,15 @@ def write(out: str) -> str:
     if cap:
         text += ["## Capacity: the positive control", "", *cap, ""]
     text += ["## Test-set noise of single pairs (McNemar, per seed: not a verdict)", "", *mcnemar_table(runs), "",
-             "## Flatness of the gradient profile, and its reference at step 0", "", *flat, "", *corr, "",
+             "## Flatness of the gradient profile, and its reference at step 0", "", *flat, "", *flat_cmp, "",
+             *corr, "",
              "## Amplification: does gradient share follow rank?", "", *amp, ""]
     text += [f"![{name}]({name})" for name in made] or ["(figures need matplotlib: pip install matplotlib)"]
     path = os.path.join(out, "REPORT.md")
     rundir.atomic_lines(path, [line + "\n" for line in text])
     rundir.atomic_json(os.path.join(out, "summary.json"), _finite(
-        {"accuracy": acc_sum, "capacity": cap_sum, "flatness": flat_sum, "stability": corr_sum,
+        {"accuracy": acc_sum, "capacity": cap_sum, "flatness": flat_sum, "flatness_comparisons": flat_cmp_sum,
+         "stability": corr_sum,
          "amplification": amp_sum, "figures": made}))
     return path
 

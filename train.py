@@ -53,8 +53,8 @@ import rundir
 import sft
 import tiny
 from config import TrainConfig
-from profiler import GradientProfiler
-from rundir import atomic_json
+from profiler import GradientProfiler, steps_without_gradient
+from rundir import atomic_json, hold
 
 
 def log(msg: str):
@@ -81,6 +81,7 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, run_dir: str, device: torch.device):
         self.cfg, self.dir, self.device = cfg, run_dir, device
+        self.lock = None  # the run folder's writer lock (rundir.hold), held while this process writes it
         if self.device.type == "cpu" and cfg.preset is None:
             log("note: no GPU, running on the CPU. Real results need the real model on a GPU; "
                 "--preset tiny runs the whole pipeline in seconds.")
@@ -248,7 +249,7 @@ def progress_line(step: int, total: int, m: dict, sec: float, eta: float, kl_mea
     else:  # with beta = 0 the KL term is not computed (grpo.per_token_loss): "off", not a measured 0
         kl = f"{m['kl']:.4f}" if kl_measured else "off (beta 0)"
         body = (f"reward {m['reward']:.3f} | acc {m['reward/correct']:.2f} | fmt {m['reward/format']:.2f} | "
-                f"kl {kl} | len {m['completion_len']:.0f}")
+                f"kl {kl} | len {m['completion_len']:.0f}" + (" | no signal: every group tied" if m["no_signal"] else ""))
     return f"step {step:>4}/{total} | {body} | {sec:.2f}s/step | ETA {fmt_time(eta)}"
 
 
@@ -291,9 +292,14 @@ def train(run: Run, stop_after: int | None) -> bool:
             m["time_learn"] = time.perf_counter() - t_learn
             run.step += 1
             if cfg.strategy == "dynamic" and dynamic.should_move(run.step, run.dynamic_cfg):
-                m["moved_ranks"] = dynamic.reallocate(model, run.profiler, opt, budget=run.rank_info["budget"],
-                                                      bounds=run.bounds, scale_of=run.scale_of, cfg=run.dynamic_cfg)
-                log(f"ranks moved at step {run.step}: {m['moved_ranks']}")
+                if why := dynamic.no_signal(run.profiler, run.dynamic_cfg, run.rank_info["budget"], run.bounds):
+                    m["move_skipped"] = why  # nothing to move rank by: keep the ranks, say why
+                    log(f"ranks kept at step {run.step}: {why}")
+                else:
+                    m["moved_ranks"] = dynamic.reallocate(model, run.profiler, opt, budget=run.rank_info["budget"],
+                                                          bounds=run.bounds, scale_of=run.scale_of,
+                                                          cfg=run.dynamic_cfg)
+                    log(f"ranks moved at step {run.step}: {m['moved_ranks']}")
             run.log_step(m, t0, per_step=(time.perf_counter() - t_start) / (run.step - start_step))
             if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
                 res = run.evaluate(gsm8k.subset(run.test_set, cfg.eval_every_n), f"step{run.step}")
@@ -350,13 +356,20 @@ def stop_here(run: Run, interrupted: list, stop_after: int | None, done: int) ->
 def finish(run: Run, t_total: float):
     """Final adapter, profile, evaluation and results.json."""
     cfg = run.cfg
-    tokens = 0
+    tokens, silent, no_gradient = 0, 0, 0
     if run.ranks and parallel.is_main():
         lora.save_adapter(run.model, os.path.join(run.dir, rundir.ADAPTER), r=cfg.rank, alpha=cfg.alpha,
                           scale_policy=cfg.scale_policy, base_model_name_or_path=run.model_path)
         run.profiler.save(run.dir)
         with open(os.path.join(run.dir, rundir.METRICS)) as f:
-            tokens = sum(json.loads(line)["tokens"] for line in f)
+            steps = [json.loads(line) for line in f]
+        tokens = sum(m["tokens"] for m in steps)
+        silent = sum(bool(m.get("no_signal")) for m in steps)  # GRPO steps whose every group tied
+        no_gradient = steps_without_gradient(run.profiler.profile())
+        if no_gradient:  # a run without signal must not finish as if it had one
+            log(f"warning: {no_gradient} of {run.step} steps carried no gradient ({silent} with every group's rewards "
+                f"tied): " + ("the gradient profile is empty and its statistics read 'no signal'"
+                              if no_gradient == run.step else "they count as zeros in the profile's means"))
     problems = gsm8k.subset(run.test_set, cfg.eval_n)
     log(f"final evaluation on {len(problems)} test problems ...")
     res = run.evaluate(problems, "final")
@@ -367,7 +380,8 @@ def finish(run: Run, t_total: float):
                "lora_params": lora.count_lora_params(run.model)["total"] if run.ranks else 0,
                "accuracy": res["accuracy"], "ci95": res["ci95"], "n": res["n"], "correct": res["correct"],
                "format_rate": res["format_rate"], "lenient_accuracy": res["lenient_accuracy"],
-               "steps": run.step, "time_s": t_total, "train_tokens": tokens,
+               "steps": run.step, "steps_without_signal": silent, "steps_without_gradient": no_gradient,
+               "time_s": t_total, "train_tokens": tokens,
                "code_version": rundir.code_version(), "torch_version": torch.__version__}
     if cfg.strategy == "dynamic":
         results["final_layer_ranks"] = dynamic.layer_ranks(run.model)
@@ -406,6 +420,14 @@ def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None
         run = Run(cfg, run_dir, device)
         if not resume and parallel.is_main():
             os.makedirs(run_dir, exist_ok=True)
+            try:  # another train.py may have started on this --out meanwhile: the folder is then its
+                run.lock = hold(run_dir)
+            except ValueError as e:
+                created = None
+                raise SystemExit(f"error: {e}")
+            if os.path.isfile(os.path.join(run_dir, rundir.CONFIG)):
+                created = None
+                raise SystemExit(f"error: {run_dir} already holds a run; use --resume {run_dir} or another --out")
             atomic_json(os.path.join(run_dir, rundir.RANKS), {"ranks": run.ranks, **run.rank_info})
             atomic_json(os.path.join(run_dir, rundir.CONFIG),  # last: its presence makes the folder a run
                         {**dataclasses.asdict(cfg), "model_path": run.model_path, "torch": torch.__version__,
@@ -446,6 +468,13 @@ def resume_state(run: Run):
 def main(argv=None):
     cfg, args = config.parse_args(argv)
     if args.resume:
+        # before anything reads or writes the folder; the group is not joined yet, so torchrun's RANK
+        # says which process will write
+        if os.environ.get("RANK", "0") == "0" and os.path.isdir(args.resume):
+            try:
+                _lock = hold(args.resume)  # noqa: F841 (held until this process ends)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}")
         resumed = config.resume_config(args.resume, args.given, parallel.is_main())
         if resumed is not None:
             run_one(resumed, args.resume, True, args.given.get("stop_after"))

@@ -83,3 +83,23 @@ def test_seed_runs_are_found_in_seed_order(tmp_path):
     write_run(tmp_path / "p" / "seed3", finished=False)
     (tmp_path / "p" / "seedx").mkdir()
     assert [os.path.basename(d) for d in R.seed_runs(str(tmp_path / "p"))] == ["seed1", "seed2", "seed10"]
+
+
+def test_one_writer_per_run_folder(tmp_path):
+    """hold() is exclusive across processes, names the holder's pid, and dies with its holder."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import rundir; f = rundir.hold(sys.argv[2]); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, ROOT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"another process .pid {holder.pid}, holding"):
+            R.hold(str(tmp_path))
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the kernel drops the lock anyway
+        holder.wait()
+    f = R.hold(str(tmp_path))
+    assert (tmp_path / R.LOCK).read_text() == f"{os.getpid()}\n"
+    f.close()

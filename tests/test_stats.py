@@ -46,6 +46,7 @@ def test_paired_interval_and_detectable_difference_known_values():
     assert S.detectable_difference(3.7, 8) == pytest.approx(4.27, abs=0.01)
     one = S.paired([2.0])
     assert one["n"] == 1 and math.isnan(one["ci95"][0]) and math.isnan(one["detectable"])
+    assert math.isnan(one["p_sign_flip"])  # one seed: no test at all, not p = 1
     with pytest.raises(ValueError, match="no differences"):
         S.paired([])
 

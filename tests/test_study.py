@@ -100,3 +100,28 @@ def test_a_killed_study_resumes_and_skips_finished_runs_then_reports(tmp_path):
     pytest.importorskip("matplotlib")
     for name in ("capacity.png", "shares.png", "amplification.png", "curves.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG" and f"]({name})" in report
+
+
+def test_a_killed_study_takes_its_runs_with_it(tmp_path):
+    """SIGKILL on study.py alone (not its process group): its running train.py dies too, instead of
+    writing on beside a rerun."""
+    proc = subprocess.Popen(study_cmd(tmp_path / "study", "--jobs", "1", "--steps", "400"), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # runs that outlast the wait
+    deadline = time.time() + 240
+    locks = []
+    while not locks:
+        assert time.time() < deadline and proc.poll() is None
+        locks = [p for p in (tmp_path / "study").glob("*/seed0/.lock") if p.read_text().strip()]
+        time.sleep(0.05)
+    child = int(locks[0].read_text())
+    proc.kill()
+    proc.wait()
+    for _ in range(200):  # the child gets SIGTERM from the kernel
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError(f"train.py {child} outlived its study")

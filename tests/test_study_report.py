@@ -27,7 +27,7 @@ def make_run(folder, acc: int, shares=None, step0=None, steps=4, **extra):
             f.write(json.dumps({"index": i, "correct": i < acc}) + "\n")
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump({"accuracy": acc / N, "ci95": [0, 1], "n": N, "code_version": "abc", "torch_version": "t",
-                   **extra}, f)
+                   "steps": steps, **extra}, f)
     with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
         for s in range(steps):
             f.write(json.dumps({"step": s, "reward/correct": 0.1 * s}) + "\n")
@@ -119,3 +119,20 @@ def test_one_seed_and_no_signal_print_dashes_not_nan(tmp_path):
     text = open(out / "summary.json").read()
     assert "NaN" not in text
     json.loads(text)
+
+
+def test_flatness_is_compared_with_its_references_seed_by_seed(study):
+    SR.write(study)
+    cmp = json.load(open(os.path.join(study, "summary.json")))["flatness_comparisons"]
+    mean = (np.array(FLAT_STEP0) + 3 * np.ones(LAYERS)) / 4  # uniform over training; step 0 is FLAT_STEP0
+    over_vs_0 = stats.effective_layers(mean) - stats.effective_layers(FLAT_STEP0)
+    assert cmp["uniform: over training - step 0/eff"]["diffs"] == pytest.approx([over_vs_0] * 4)
+    grpo_vs_sft = stats.gini(mean) - stats.gini(HOT)
+    assert cmp["GRPO - SFT (uniform, over training)/gini"]["diffs"] == pytest.approx([grpo_vs_sft] * 4)
+    assert cmp["GRPO - SFT (uniform, over training)/gini"]["mean"] == pytest.approx(grpo_vs_sft)
+
+
+def test_runs_of_other_lengths_are_refused(study):
+    make_run(os.path.join(study, "random", "seed0"), 40, steps=6)
+    with pytest.raises(SystemExit, match="mixes runs of different presets or lengths .* 4 steps: 20 run.s., .* 6 steps: 1 run.s., e.g. .*random.seed0"):
+        SR.write(study)

@@ -501,3 +501,54 @@ def test_the_logged_learning_rate_is_the_one_each_step_used(tmp_path):
         return (s + 1) / 2 if s < 2 else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - 2) / 3))
 
     np.testing.assert_allclose(logged, [1e-3 * factor(s) for s in range(5)], rtol=1e-12)
+
+
+def test_a_run_without_signal_says_so_and_never_prints_nan(tmp_path):
+    """Both reward weights 0: every group ties, every advantage and gradient is 0. Each step line and
+    metrics line says so, the end says how many steps carried nothing, results.json counts them, the
+    profile's statistics read "no signal" (no NaN, no warning), a dynamic move keeps the ranks and says
+    why, and proportional refuses the profile naming the cause."""
+    zero = ["--reward-correct", "0", "--reward-format", "0"]
+    p = run(["--preset", "tiny", "--strategy", "dynamic", *zero, "--out", "runs/zero"], tmp_path)
+    steps = [line for line in p.stderr.splitlines() + p.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 12 and all("no signal: every group tied" in line for line in steps)
+    assert "warning: 12 of 12 steps carried no gradient (12 with every group's rewards tied)" in p.stdout + p.stderr
+    assert "ranks kept at step 3: no gradient in the last 3 profiled steps" in p.stdout + p.stderr
+    metrics = [json.loads(line) for line in open(tmp_path / "runs/zero/metrics.jsonl")]
+    assert all(m["no_signal"] for m in metrics) and "moved_ranks" not in str(metrics)
+    res = load(tmp_path / "runs/zero/results.json")
+    assert res["steps_without_signal"] == res["steps_without_gradient"] == 12
+    summary = (tmp_path / "runs/zero/profile_summary.json").read_text()
+    assert "NaN" not in summary and json.loads(summary)["raw"]["no_signal"] is True
+    prof = subprocess.run([sys.executable, "-W", "error", os.path.join(ROOT, "profiler.py"), "runs/zero"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert prof.returncode == 0 and "no signal" in prof.stdout and "nan" not in prof.stdout.lower(), prof.stderr
+    p = run(["--preset", "tiny", "--strategy", "proportional", "--profile", "runs/zero", "--any-profile",
+             "--out", "runs/p"], tmp_path, ok=False)
+    assert p.returncode != 0 and "the profile carries no gradient" in p.stderr and "no reward signal" in p.stderr
+    assert not (tmp_path / "runs/p").exists()
+    ok = run(["--preset", "tiny", "--steps", "2", "--out", "runs/ok"], tmp_path)  # a run with signal: no warning
+    assert "warning" not in ok.stdout + ok.stderr and load(tmp_path / "runs/ok/results.json")["steps_without_gradient"] == 0
+
+
+def test_a_second_writer_is_refused_while_the_first_lives(tmp_path):
+    """A --resume (or a killed study's rerun) on a folder another train.py is writing is refused with the
+    holder's pid and writes nothing; once the holder is killed (SIGKILL), the resume goes ahead."""
+    import signal
+    import time
+    first = subprocess.Popen([sys.executable, TRAIN, "--preset", "tiny", "--steps", "400", "--checkpoint-every", "1",
+                              "--out", "runs/a"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "runs/a/checkpoint.pt").exists():
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.05)
+        before = (tmp_path / "runs/a/config.json").read_bytes()
+        p = run(["--resume", "runs/a", "--threads", "1"], tmp_path, ok=False)
+        assert p.returncode != 0 and f"being written by another process (pid {first.pid}" in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and (tmp_path / "runs/a/config.json").read_bytes() == before
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    p = run(["--resume", "runs/a", "--stop-after", "1"], tmp_path)
+    assert "resumed at step" in p.stdout + p.stderr
