@@ -39,6 +39,7 @@ study's pipeline needs to show learning.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -83,6 +85,17 @@ class Recipe:
     init_std: float = 0.05
     tie_embeddings: bool = False
     embed_std: float | None = 3.0  # untied embeddings drawn at this std (None: init_std)
+
+    def __post_init__(self):
+        """A recipe that cannot build a working organism is refused before anything is built or cached."""
+        counts = {"n_train": self.n_train, "n_test": self.n_test, "layers": self.layers, "hidden": self.hidden,
+                  "intermediate": self.intermediate, "heads": self.heads, "kv_heads": self.kv_heads,
+                  "sft_steps": self.sft_steps, "batch": self.batch}
+        if bad := [f"{k}={v}" for k, v in counts.items() if v < 1]:
+            raise ValueError(f"Recipe: {', '.join(bad)}: must be >= 1")
+        if not 0.0 <= self.noise <= 1.0 or self.lr <= 0 or self.max_ops < 2 or not 1 <= self.lo <= self.hi // 2:
+            raise ValueError(f"Recipe: need 0 <= noise <= 1, lr > 0, max_ops >= 2 and 1 <= lo <= hi/2; got noise="
+                             f"{self.noise}, lr={self.lr}, max_ops={self.max_ops}, lo={self.lo}, hi={self.hi}")
 
     def key(self) -> str:
         """12 hex digits of the recipe (and VERSION): the cache folder's name."""
@@ -230,35 +243,85 @@ def default_root() -> str:
     return os.path.join(root, "lora-grpo")
 
 
-def build(recipe: Recipe = Recipe(), root: str | None = None, log=print) -> str:
-    """The organism's folder for `recipe` under `root`, built (atomically) unless it is already there."""
-    folder = os.path.join(root or default_root(), f"organism-{recipe.key()}")
-    if os.path.isfile(os.path.join(folder, "model.safetensors")):
-        return folder
-    log(f"building the model organism once for this machine ({recipe.sft_steps} SFT steps of a {recipe.layers}-layer "
-        f"model on one thread; the progress line gives the ETA) into {folder}")
-    train, test = problems(recipe)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one summation order whatever the machine: the same recipe, the same bits
+MANIFEST = "manifest.json"  # sha256 of every other file, written last: a folder without it is unfinished
+
+
+def _sha256s(folder: str) -> dict[str, str]:
+    return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(folder)) if name != MANIFEST}
+
+
+def verified(folder: str) -> str | None:
+    """Why the cached folder cannot be trusted (None when every file matches its manifest). A folder
+    built before manifests existed gets one now if its weights open whole."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        try:
+            from safetensors import safe_open
+            with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
+                for name in f.keys():
+                    f.get_slice(name)[:]  # every tensor readable: the file is not truncated
+        except Exception as e:
+            return f"model.safetensors does not open ({' '.join(str(e).split())[:120]})"
+        _write_json(path, _sha256s(folder))
+        return None
     try:
-        chat = qwen.Tokenizer.chat
-        texts = [gsm8k.prompt_text(ex.question, chat) + gsm8k.reference_completion(ex) for ex in train]
-        # BPE trained without digits learns no merges of them: one token per digit, as in Qwen2's own
-        # tokenizer, so that "132" and "13" share their digits' tokens and the sums are learnable
-        digitless = [re.sub(r"[0-9]", "", t) for t in texts]
-        tok = qwen.Tokenizer(train_tiny_tokenizer(digitless, vocab_size=recipe.vocab_size))
-        m = pretrain(recipe, tok, train, log)
-    finally:
-        torch.set_num_threads(threads)
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # a build killed half-way leaves a .tmp behind
-    qwen.save_pretrained(m, tmp)
-    tok.tok.save(os.path.join(tmp, "tokenizer.json"))
-    write_jsonl(os.path.join(tmp, "train.jsonl"), train)
-    write_jsonl(os.path.join(tmp, "test.jsonl"), test)
-    with open(os.path.join(tmp, "recipe.json"), "w") as f:
-        json.dump({"version": VERSION, **dataclasses.asdict(recipe)}, f, indent=2)
-    os.replace(tmp, folder)
+        expected = json.load(open(path))
+    except ValueError:
+        return f"{MANIFEST} is not JSON"
+    found = _sha256s(folder)
+    bad = sorted(n for n in set(expected) | set(found) if expected.get(n) != found.get(n))
+    return f"{', '.join(bad)} differ{'s' if len(bad) == 1 else ''} from {MANIFEST}" if bad else None
+
+
+def _write_json(path: str, obj):
+    with open(path + ".part", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".part", path)
+
+
+def build(recipe: Recipe = Recipe(), root: str | None = None, log=print) -> str:
+    """The organism's folder for `recipe` under `root`, built unless it is already there (and verified).
+
+    Builds are serialised by a lock beside the folder: a second build of the same recipe waits for the
+    first and then uses its result. Each build writes into a private temporary folder renamed into
+    place at the end, so a build killed half-way leaves nothing that looks finished."""
+    root = root or default_root()
+    folder = os.path.join(root, f"organism-{recipe.key()}")
+    os.makedirs(root, exist_ok=True)
+    with open(folder + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when this block ends, or when the process dies
+        if os.path.isdir(folder):
+            if why := verified(folder):
+                raise ValueError(f"{folder}: the cached organism is damaged ({why}); delete this folder and run "
+                                 f"again to rebuild it")
+            return folder
+        log(f"building the model organism once for this machine ({recipe.sft_steps} SFT steps of a {recipe.layers}-"
+            f"layer model on one thread; the progress line gives the ETA) into {folder}")
+        train, test = problems(recipe)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one summation order whatever the machine: the same recipe, the same bits
+        try:
+            chat = qwen.Tokenizer.chat
+            texts = [gsm8k.prompt_text(ex.question, chat) + gsm8k.reference_completion(ex) for ex in train]
+            # BPE trained without digits learns no merges of them: one token per digit, as in Qwen2's own
+            # tokenizer, so that "132" and "13" share their digits' tokens and the sums are learnable
+            digitless = [re.sub(r"[0-9]", "", t) for t in texts]
+            tok = qwen.Tokenizer(train_tiny_tokenizer(digitless, vocab_size=recipe.vocab_size))
+            m = pretrain(recipe, tok, train, log)
+        finally:
+            torch.set_num_threads(threads)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=root)
+        try:
+            qwen.save_pretrained(m, tmp)
+            tok.tok.save(os.path.join(tmp, "tokenizer.json"))
+            write_jsonl(os.path.join(tmp, "train.jsonl"), train)
+            write_jsonl(os.path.join(tmp, "test.jsonl"), test)
+            _write_json(os.path.join(tmp, "recipe.json"), {"version": VERSION, **dataclasses.asdict(recipe)})
+            _write_json(os.path.join(tmp, MANIFEST), _sha256s(tmp))  # last
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -276,7 +339,10 @@ def main(argv=None):
     args = vars(ap.parse_args(argv))
     root = args.pop("root")
     t0 = time.perf_counter()
-    folder = build(Recipe(**args), root, log=lambda s: print(s, file=sys.stderr, flush=True))
+    try:
+        folder = build(Recipe(**args), root, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     print(f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
     print(folder)
 

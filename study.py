@@ -210,7 +210,10 @@ def main(argv=None):
     if not args.report_only:
         check_settings(out, {"preset": args.preset, "steps": args.steps})
         if args.preset == "organism":  # built once here, not by two runs at the same time
-            organism.build(log=print)
+            try:
+                organism.build(log=print)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}")
         jobs = matrix(out, seeds, side, [] if args.steps is None else ["--steps", str(args.steps)], args.preset, arms)
         t0 = time.perf_counter()
         failed = run_matrix(jobs, out, args.jobs)

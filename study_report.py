@@ -125,9 +125,12 @@ def verdict(p: dict, digits: int = 1) -> str:
     if p["n"] < 2:
         return "one seed: no interval"
     lo, hi = p["ci95"]
-    if lo > 0 or hi < 0:
-        return "differs (interval excludes 0)"
-    return f"no difference seen; detectable: {fmt(p['detectable'], digits)}"
+    if not (lo > 0 or hi < 0):
+        return f"no difference seen; detectable: {fmt(p['detectable'], digits)}"
+    if p["p_sign_flip"] <= 0.05:
+        return "differs (t interval excludes 0, sign-flip p <= 0.05)"
+    # the t interval assumes normal differences; the exact test assumes nothing but has a floor
+    return f"differs by t only: {p['n']} seeds cannot give a sign-flip p below {2 / 2 ** p['n']:.3g}"
 
 
 def accuracy_table(runs: dict) -> tuple[list[str], dict]:

@@ -101,10 +101,13 @@ class Run:
                 tiny.build_tiny_model(self.model_path)
             parallel.barrier()
         elif cfg.preset == "organism":  # built once per machine (by rank 0), then found in its cache folder
-            if parallel.is_main():
-                organism.build(log=log)
-            parallel.barrier()
-            self.model_path = organism.build()
+            try:
+                if parallel.is_main():
+                    organism.build(log=log)
+                parallel.barrier()
+                self.model_path = organism.build()
+            except ValueError as e:  # a damaged cache: which folder to delete
+                raise SystemExit(f"error: {e}")
         try:
             self.model = qwen.from_pretrained(self.model_path, device=self.device)
             self.tok = qwen.load_tokenizer(self.model_path)

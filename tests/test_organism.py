@@ -123,3 +123,43 @@ def test_the_command_line_takes_the_recipe_booleans(tmp_path, capsys):
     folder = capsys.readouterr().out.strip().splitlines()[-1]
     recipe = json.load(open(os.path.join(folder, "recipe.json")))
     assert recipe["tie_embeddings"] is False and recipe["embed_std"] == 1.5
+
+
+def test_two_builds_at_once_share_one_result_and_a_damaged_cache_is_named(tmp_path):
+    """Two processes building one recipe into one empty cache: one builds, the other waits and uses its
+    folder (no error, nothing temporary left). A truncated model.safetensors is then refused with the
+    folder to delete, and a recipe that cannot build is refused before anything is written."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    flags = ["--root", str(tmp_path), "--n-train", "64", "--n-test", "16", "--layers", "2", "--hidden", "32",
+             "--intermediate", "64", "--sft-steps", "30", "--batch", "4", "--vocab-size", "300"]
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "organism.py"), *flags], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    folders = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(folders) == 1 and sum("building" in err for _, err in outs) == 1
+    folder = folders.pop()
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(folder), os.path.basename(folder) + ".lock"])
+    weights = os.path.join(folder, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) - 100)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "organism.py"), *flags], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode != 0 and p.stderr.strip() == (
+        f"error: {folder}: the cached organism is damaged (model.safetensors differs from manifest.json); delete "
+        f"this folder and run again to rebuild it")
+    with pytest.raises(ValueError, match="sft_steps=-5: must be >= 1"):
+        organism.Recipe(sft_steps=-5)
+
+
+def test_a_cache_built_before_manifests_is_checked_then_trusted(tmp_path):
+    folder = organism.build(SMALL, str(tmp_path), log=lambda s: None)
+    os.remove(os.path.join(folder, organism.MANIFEST))
+    assert organism.verified(folder) is None and os.path.isfile(os.path.join(folder, organism.MANIFEST))
+    os.remove(os.path.join(folder, organism.MANIFEST))
+    weights = os.path.join(folder, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    assert "model.safetensors does not open" in organism.verified(folder)

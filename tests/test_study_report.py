@@ -136,3 +136,12 @@ def test_runs_of_other_lengths_are_refused(study):
     make_run(os.path.join(study, "random", "seed0"), 40, steps=6)
     with pytest.raises(SystemExit, match="mixes runs of different presets or lengths .* 4 steps: 20 run.s., .* 6 steps: 1 run.s., e.g. .*random.seed0"):
         SR.write(study)
+
+
+def test_the_verdict_names_what_the_seeds_can_say():
+    assert SR.verdict(stats.paired([1, 2, 3, 4, 5, 6, 7, 8])) == "differs (t interval excludes 0, sign-flip p <= 0.05)"
+    # 3 seeds, all the same sign and tight: t says differs, the exact test cannot go below 2/8
+    assert SR.verdict(stats.paired([5.0, 5.2, 4.9])) == "differs by t only: 3 seeds cannot give a sign-flip p below 0.25"
+    p = stats.paired([1, -1, 2, -1])
+    assert SR.verdict(p) == f"no difference seen; detectable: {p['detectable']:.1f}"
+    assert SR.verdict(stats.paired([3.0])) == "one seed: no interval"
