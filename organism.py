@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -93,6 +94,14 @@ class Recipe:
                   "sft_steps": self.sft_steps, "batch": self.batch}
         if bad := [f"{k}={v}" for k, v in counts.items() if v < 1]:
             raise ValueError(f"Recipe: {', '.join(bad)}: must be >= 1")
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise ValueError(f"Recipe: hidden ({self.hidden}) must divide by heads ({self.heads}) and heads by "
+                             f"kv_heads ({self.kv_heads})")
+        if self.init_std <= 0 or (self.embed_std is not None and self.embed_std <= 0):
+            raise ValueError(f"Recipe: init_std ({self.init_std}) and embed_std ({self.embed_std}) must be > 0")
+        if self.tie_embeddings and self.embed_std is not None:
+            raise ValueError("Recipe: embed_std needs tie_embeddings=False (a tied lm_head would share its scale); "
+                             "with tied embeddings set embed_std to None (--embed-std none)")
         if not 0.0 <= self.noise <= 1.0 or self.lr <= 0 or self.max_ops < 2 or not 1 <= self.lo <= self.hi // 2:
             raise ValueError(f"Recipe: need 0 <= noise <= 1, lr > 0, max_ops >= 2 and 1 <= lo <= hi/2; got noise="
                              f"{self.noise}, lr={self.lr}, max_ops={self.max_ops}, lo={self.lo}, hi={self.hi}")
@@ -191,9 +200,7 @@ def pretrain(recipe: Recipe, tok: qwen.Tokenizer, train: list[gsm8k.Example], lo
     m = qwen.Qwen2(cfg)
     gen = torch.Generator().manual_seed(recipe.seed)
     m.init_weights(std=recipe.init_std, generator=gen)
-    if recipe.embed_std is not None:
-        if recipe.tie_embeddings:
-            raise ValueError("Recipe.embed_std needs tie_embeddings=False: a tied lm_head would share its scale")
+    if recipe.embed_std is not None:  # untied (Recipe checks it)
         with torch.no_grad():
             m.model.embed_tokens.weight.normal_(0.0, recipe.embed_std, generator=gen)
     opt = torch.optim.AdamW(m.parameters(), lr=recipe.lr, weight_decay=0.0)
@@ -248,7 +255,7 @@ MANIFEST = "manifest.json"  # sha256 of every other file, written last: a folder
 
 def _sha256s(folder: str) -> dict[str, str]:
     return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
-            for name in sorted(os.listdir(folder)) if name != MANIFEST}
+            for name in sorted(os.listdir(folder)) if name != MANIFEST and os.path.isfile(os.path.join(folder, name))}
 
 
 def verified(folder: str) -> str | None:
@@ -268,7 +275,9 @@ def verified(folder: str) -> str | None:
     try:
         expected = json.load(open(path))
     except ValueError:
-        return f"{MANIFEST} is not JSON"
+        expected = None
+    if not isinstance(expected, dict):
+        return f"{MANIFEST} is not a manifest"
     found = _sha256s(folder)
     bad = sorted(n for n in set(expected) | set(found) if expected.get(n) != found.get(n))
     return f"{', '.join(bad)} differ{'s' if len(bad) == 1 else ''} from {MANIFEST}" if bad else None
@@ -311,7 +320,10 @@ def build(recipe: Recipe = Recipe(), root: str | None = None, log=print) -> str:
             m = pretrain(recipe, tok, train, log)
         finally:
             torch.set_num_threads(threads)
+        for stale in glob.glob(folder + ".tmp-*"):  # left by a build killed half-way (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=root)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would keep other users from a shared cache
         try:
             qwen.save_pretrained(m, tmp)
             tok.tok.save(os.path.join(tmp, "tokenizer.json"))
@@ -335,12 +347,14 @@ def main(argv=None):
         if isinstance(f.default, bool):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            ap.add_argument(flag, type=float if f.type == "float | None" else type(f.default), default=f.default)
+            optional_float = lambda v: None if v.lower() == "none" else float(v)
+            ap.add_argument(flag, type=optional_float if f.type == "float | None" else type(f.default),
+                            default=f.default)
     args = vars(ap.parse_args(argv))
     root = args.pop("root")
     t0 = time.perf_counter()
     try:
-        folder = build(Recipe(**args), root, log=lambda s: print(s, file=sys.stderr, flush=True))
+        folder = build(Recipe(**args), root, log=lambda s: print(s, file=sys.stderr, flush=True))  # checks first
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     print(f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)

@@ -105,11 +105,14 @@ def command(job: Job, out: str) -> list[str]:
 def die_with_parent():
     """In a child, before exec: ask Linux to send it SIGTERM when study.py dies, however it dies, so a
     killed study leaves no run writing behind it (its folder lock would refuse the rerun's resume)."""
+    parent = os.getppid()
     try:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass  # not Linux: the folder lock still keeps an orphan and a rerun apart
+        return  # not Linux: the folder lock still keeps an orphan and a rerun apart
+    if os.getppid() != parent:  # the study died before the request was in place
+        os._exit(1)
 
 
 def minutes(seconds: float) -> str:
@@ -124,32 +127,38 @@ def run_matrix(jobs: list[Job], out: str, parallel: int, log=print) -> list[str]
         log(f"study: {done} of {total} runs already finished (skipped)")
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     t0, durations = time.perf_counter(), []
-    while todo or running:
-        for job, proc, started, logf in list(running):
-            if proc.poll() is None:
-                continue
-            running.remove((job, proc, started, logf))
-            logf.close()
-            durations.append(time.perf_counter() - started)
-            done += 1
-            if proc.returncode != 0:
-                failed[os.path.join(out, job.dir_name)] = f"{job.dir_name} (see {logf.name})"
-            eta = sum(durations) / len(durations) * (len(todo) + len(running)) / parallel
-            log(f"study: run {done} of {total} {'FAILED' if proc.returncode else 'done'} ({job.dir_name}, "
-                f"{minutes(durations[-1])}) | elapsed {minutes(time.perf_counter() - t0)} | ETA {minutes(eta)}")
-        for job in [j for j in todo if j.needs in failed]:  # the run behind its profile failed
-            todo.remove(job)
-            failed[os.path.join(out, job.dir_name)] = f"{job.dir_name} (not run: {job.needs} failed)"
-        ready = [j for j in todo if j.needs is None or rundir.is_finished(j.needs)]
-        while ready and len(running) < parallel:
-            job = ready.pop(0)
-            todo.remove(job)
-            path = os.path.join(out, "logs", job.dir_name.replace(os.sep, "-") + ".log")
-            logf = open(path, "a")
-            proc = subprocess.Popen(command(job, out), stdout=logf, stderr=subprocess.STDOUT, cwd=HERE,
-                                    env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=die_with_parent)
-            running.append((job, proc, time.perf_counter(), logf))
-        time.sleep(0.2)
+    try:
+        while todo or running:
+            for job, proc, started, logf in list(running):
+                if proc.poll() is None:
+                    continue
+                running.remove((job, proc, started, logf))
+                logf.close()
+                durations.append(time.perf_counter() - started)
+                done += 1
+                if proc.returncode != 0:
+                    failed[os.path.join(out, job.dir_name)] = f"{job.dir_name} (see {logf.name})"
+                eta = sum(durations) / len(durations) * (len(todo) + len(running)) / parallel
+                log(f"study: run {done} of {total} {'FAILED' if proc.returncode else 'done'} ({job.dir_name}, "
+                    f"{minutes(durations[-1])}) | elapsed {minutes(time.perf_counter() - t0)} | ETA {minutes(eta)}")
+            for job in [j for j in todo if j.needs in failed]:  # the run behind its profile failed
+                todo.remove(job)
+                failed[os.path.join(out, job.dir_name)] = f"{job.dir_name} (not run: {job.needs} failed)"
+            ready = [j for j in todo if j.needs is None or rundir.is_finished(j.needs)]
+            while ready and len(running) < parallel:
+                job = ready.pop(0)
+                todo.remove(job)
+                path = os.path.join(out, "logs", job.dir_name.replace(os.sep, "-") + ".log")
+                logf = open(path, "a")
+                proc = subprocess.Popen(command(job, out), stdout=logf, stderr=subprocess.STDOUT, cwd=HERE,
+                                        env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=die_with_parent)
+                running.append((job, proc, time.perf_counter(), logf))
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # Ctrl-C reached every run too: each writes a checkpoint; wait for them
+        for _, proc, _, _ in running:
+            proc.wait()
+        raise SystemExit(f"\nstudy: interrupted; {len(running)} run(s) stopped at a checkpoint; the same command "
+                         f"continues the study")
     return list(failed.values())
 
 
@@ -168,8 +177,10 @@ def check_settings(out: str, settings: dict):
     study.json, and a later one with other settings is refused (its finished runs would be skipped
     and runs of two lengths mixed in one report)."""
     path = os.path.join(out, "study.json")
+    # no --steps means the preset's: the same length as saying it
+    resolved = lambda d: {**d, "steps": d.get("steps") or PRESETS.get(d.get("preset"), {}).get("steps")}
     if os.path.isfile(path):
-        old = rundir.read_json(path)
+        old, settings = resolved(rundir.read_json(path)), resolved(settings)
         if diff := [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old.get(k) != v]:
             raise SystemExit(f"error: {out} holds a study with other settings ({'; '.join(diff)}); "
                              f"use another --out or the same settings")
@@ -195,6 +206,8 @@ def main(argv=None):
     out = args.out or ("study-quick" if args.quick else "study")
     seeds = parse_seeds(args.seeds or ("0,1,2" if args.quick else "0,1,2,3,4,5,6,7"), "--seeds")
     side = parse_seeds(args.side_seeds, "--side-seeds") if args.side_seeds else seeds[:4]
+    if not set(side) <= set(seeds):  # a side run is paired with its seed's uniform run
+        raise SystemExit(f"error: --side-seeds {args.side_seeds}: must be among --seeds ({','.join(map(str, seeds))})")
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs {args.jobs}: must be >= 1")
     if args.steps is not None and args.steps < 1:

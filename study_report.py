@@ -125,12 +125,18 @@ def verdict(p: dict, digits: int = 1) -> str:
     if p["n"] < 2:
         return "one seed: no interval"
     lo, hi = p["ci95"]
-    if not (lo > 0 or hi < 0):
-        return f"no difference seen; detectable: {fmt(p['detectable'], digits)}"
-    if p["p_sign_flip"] <= 0.05:
+    by_t, by_sign = lo > 0 or hi < 0, p["p_sign_flip"] <= 0.05
+    floor = 2 / 2 ** p["n"]  # the exact test's smallest p: it assumes nothing, but needs seeds
+    if by_t and by_sign:
         return "differs (t interval excludes 0, sign-flip p <= 0.05)"
-    # the t interval assumes normal differences; the exact test assumes nothing but has a floor
-    return f"differs by t only: {p['n']} seeds cannot give a sign-flip p below {2 / 2 ** p['n']:.3g}"
+    if by_t:
+        return (f"differs by t only: {p['n']} seeds cannot give a sign-flip p below {floor:.3g}" if floor > 0.05 else
+                f"differs by t only (sign-flip p = {p['p_sign_flip']:.3f})")
+    if by_sign:
+        return f"differs by the sign-flip test only (p = {p['p_sign_flip']:.3f}); the t interval includes 0"
+    if p["sd"] == 0:
+        return "no difference: every seed gave the same difference"
+    return f"no difference seen; detectable: {fmt(p['detectable'], digits)}"
 
 
 def accuracy_table(runs: dict) -> tuple[list[str], dict]:
@@ -276,6 +282,15 @@ def correlation_table(runs: dict) -> tuple[list[str], dict]:
     return lines, summary
 
 
+def mean_interval_text(xs: list[float], digits: int = 2) -> str:
+    """Mean over seeds with its t 95% interval, e.g. "-0.81 [-0.95, -0.67]" ("-" without a value)."""
+    xs = [x for x in xs if x == x]
+    if not xs:
+        return "-"
+    m, lo, hi = stats.mean_interval(xs)
+    return fmt(m, digits, True) + (f" [{fmt(lo, digits, True)}, {fmt(hi, digits, True)}]" if len(xs) > 1 else "")
+
+
 def mean_sd(xs: list[float], digits: int = 1) -> str:
     xs = [x for x in xs if x == x]  # NaN: "no shift" or no signal
     if not xs:
@@ -285,7 +300,7 @@ def mean_sd(xs: list[float], digits: int = 1) -> str:
 
 
 def amplification_table(runs: dict) -> tuple[list[str], dict]:
-    lines = ["| arm | scale policy | rank~shift r, raw: mean ± sd (per seed) | rank~shift r, normalised |",
+    lines = ["| arm | scale policy | rank~shift r, raw: mean [t 95%] (per seed) | rank~shift r, normalised |",
              "| --- | --- | --- | --- |"]
     summary = {}
     for arm, policy in AMPLIFICATION:
@@ -302,7 +317,7 @@ def amplification_table(runs: dict) -> tuple[list[str], dict]:
                     continue
                 r.append(P.amplification(load_profile(b), load_profile(a), normalised))
                 each.append("no shift" if r[-1] != r[-1] else f"{r[-1]:+.2f}")
-            cells.append(f"{mean_sd(r, 2)} ({', '.join(each)})")
+            cells.append(f"{mean_interval_text(r)} ({', '.join(each)})")
             summary[f"{arm}/{'normalised' if normalised else 'raw'}"] = r
         lines.append(f"| {arm} | {policy} | {cells[0]} | {cells[1]} |")
     return lines, summary

@@ -419,18 +419,21 @@ def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None
     while not os.path.exists(os.path.dirname(created)):
         created = os.path.dirname(created)
     created = None if os.path.exists(created) else created
+    lock = None
     try:
-        run = Run(cfg, run_dir, device)
-        if not resume and parallel.is_main():
+        if not resume and parallel.is_main():  # the writer lock before anything is written (tiny-model too)
             os.makedirs(run_dir, exist_ok=True)
             try:  # another train.py may have started on this --out meanwhile: the folder is then its
-                run.lock = hold(run_dir)
+                lock = hold(run_dir)
             except ValueError as e:
                 created = None
                 raise SystemExit(f"error: {e}")
             if os.path.isfile(os.path.join(run_dir, rundir.CONFIG)):
                 created = None
                 raise SystemExit(f"error: {run_dir} already holds a run; use --resume {run_dir} or another --out")
+        run = Run(cfg, run_dir, device)
+        run.lock = lock
+        if not resume and parallel.is_main():
             atomic_json(os.path.join(run_dir, rundir.RANKS), {"ranks": run.ranks, **run.rank_info})
             atomic_json(os.path.join(run_dir, rundir.CONFIG),  # last: its presence makes the folder a run
                         {**dataclasses.asdict(cfg), "model_path": run.model_path, "torch": torch.__version__,
@@ -473,7 +476,7 @@ def main(argv=None):
     if args.resume:
         # before anything reads or writes the folder; the group is not joined yet, so torchrun's RANK
         # says which process will write
-        if os.environ.get("RANK", "0") == "0" and os.path.isdir(args.resume):
+        if os.environ.get("RANK", "0") == "0" and os.path.isfile(os.path.join(args.resume, rundir.CONFIG)):
             try:
                 _lock = hold(args.resume)  # noqa: F841 (held until this process ends)
             except ValueError as e:

@@ -111,9 +111,10 @@ def test_untied_embeddings_set_the_residual_scale_at_layer_0(tmp_path):
         rms[name] = organism.residual_rms(model, tok, organism.problems(recipe)[1][:4])
         assert len(rms[name]) == recipe.layers + 1  # each layer's input, then the final norm's
     assert 1.8 < rms["untied"][0] < 2.2 and 0.04 < rms["tied"][0] < 0.06
-    bad = organism.Recipe(**{**SMALL.__dict__, "embed_std": 2.0, "tie_embeddings": True})
     with pytest.raises(ValueError, match="embed_std needs tie_embeddings=False"):
-        organism.build(bad, str(tmp_path / "bad"), log=lambda s: None)
+        organism.Recipe(**{**SMALL.__dict__, "embed_std": 2.0, "tie_embeddings": True})
+    with pytest.raises(ValueError, match="must divide by heads"):
+        organism.Recipe(heads=5)
 
 
 def test_the_command_line_takes_the_recipe_booleans(tmp_path, capsys):
@@ -123,6 +124,14 @@ def test_the_command_line_takes_the_recipe_booleans(tmp_path, capsys):
     folder = capsys.readouterr().out.strip().splitlines()[-1]
     recipe = json.load(open(os.path.join(folder, "recipe.json")))
     assert recipe["tie_embeddings"] is False and recipe["embed_std"] == 1.5
+    organism.main(["--root", str(tmp_path), "--n-train", "32", "--n-test", "8", "--layers", "1", "--hidden", "32",
+                   "--intermediate", "64", "--sft-steps", "1", "--batch", "2", "--vocab-size", "300",
+                   "--tie-embeddings", "--embed-std", "none"])
+    folder = capsys.readouterr().out.strip().splitlines()[-1]
+    recipe = json.load(open(os.path.join(folder, "recipe.json")))
+    assert recipe["tie_embeddings"] is True and recipe["embed_std"] is None
+    with pytest.raises(SystemExit, match="error: Recipe: embed_std needs tie_embeddings=False"):
+        organism.main(["--root", str(tmp_path), "--tie-embeddings"])
 
 
 def test_two_builds_at_once_share_one_result_and_a_damaged_cache_is_named(tmp_path):

@@ -52,8 +52,11 @@ def test_a_study_folder_keeps_its_settings(tmp_path):
     study.check_settings(str(tmp_path / "s"), {"preset": "tiny", "steps": 4})  # the same: fine
     with pytest.raises(SystemExit, match="steps: 4 there, 6 now"):
         study.check_settings(str(tmp_path / "s"), {"preset": "tiny", "steps": 6})
+    study.check_settings(str(tmp_path / "t"), {"preset": "tiny", "steps": None})  # the preset's 12 steps
+    study.check_settings(str(tmp_path / "t"), {"preset": "tiny", "steps": 12})
     for bad, why in ((["--seeds", "0,0"], "distinct"), (["--seeds", "a"], "comma-separated"),
-                     (["--steps", "-1"], "must be >= 1"), (["--preset", "nosuch"], "unknown")):
+                     (["--steps", "-1"], "must be >= 1"), (["--preset", "nosuch"], "unknown"),
+                     (["--seeds", "0,1", "--side-seeds", "2"], "must be among --seeds")):
         with pytest.raises(SystemExit, match=why):
             study.main(["--out", str(tmp_path / "x"), *bad])
 

@@ -144,4 +144,10 @@ def test_the_verdict_names_what_the_seeds_can_say():
     assert SR.verdict(stats.paired([5.0, 5.2, 4.9])) == "differs by t only: 3 seeds cannot give a sign-flip p below 0.25"
     p = stats.paired([1, -1, 2, -1])
     assert SR.verdict(p) == f"no difference seen; detectable: {p['detectable']:.1f}"
+    # 8 seeds: the floor (0.0078) is not the reason when the exact test disagrees with t
+    assert SR.verdict(stats.paired([3.7, 3.0, 1.5, -0.8, 1.0, 2.0, -0.9, 1.6])) == \
+        "differs by t only (sign-flip p = 0.055)"
+    assert SR.verdict(stats.paired([2.3, 0.2, 1.3, 0, 1.6, -1.0, 1.4, 3.3])) == \
+        "differs by the sign-flip test only (p = 0.047); the t interval includes 0"
+    assert SR.verdict(stats.paired([0.0, 0.0, 0.0])) == "no difference: every seed gave the same difference"
     assert SR.verdict(stats.paired([3.0])) == "one seed: no interval"
