@@ -57,6 +57,7 @@ import torch
 
 import gsm8k
 import model as qwen
+import rundir
 import sft
 from tiny import train_tiny_tokenizer
 
@@ -270,7 +271,7 @@ def verified(folder: str) -> str | None:
                     f.get_slice(name)[:]  # every tensor readable: the file is not truncated
         except Exception as e:
             return f"model.safetensors does not open ({' '.join(str(e).split())[:120]})"
-        _write_json(path, _sha256s(folder))
+        rundir.atomic_json(path, _sha256s(folder))
         return None
     try:
         expected = json.load(open(path))
@@ -281,12 +282,6 @@ def verified(folder: str) -> str | None:
     found = _sha256s(folder)
     bad = sorted(n for n in set(expected) | set(found) if expected.get(n) != found.get(n))
     return f"{', '.join(bad)} differ{'s' if len(bad) == 1 else ''} from {MANIFEST}" if bad else None
-
-
-def _write_json(path: str, obj):
-    with open(path + ".part", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".part", path)
 
 
 def build(recipe: Recipe = Recipe(), root: str | None = None, log=print) -> str:
@@ -329,8 +324,8 @@ def build(recipe: Recipe = Recipe(), root: str | None = None, log=print) -> str:
             tok.tok.save(os.path.join(tmp, "tokenizer.json"))
             write_jsonl(os.path.join(tmp, "train.jsonl"), train)
             write_jsonl(os.path.join(tmp, "test.jsonl"), test)
-            _write_json(os.path.join(tmp, "recipe.json"), {"version": VERSION, **dataclasses.asdict(recipe)})
-            _write_json(os.path.join(tmp, MANIFEST), _sha256s(tmp))  # last
+            rundir.atomic_json(os.path.join(tmp, "recipe.json"), {"version": VERSION, **dataclasses.asdict(recipe)})
+            rundir.atomic_json(os.path.join(tmp, MANIFEST), _sha256s(tmp))  # last
             os.replace(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

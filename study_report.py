@@ -103,14 +103,18 @@ def accuracy(run_dir: str) -> float:
     return 100 * load_results(run_dir)["accuracy"]
 
 
-def seed_differences(runs: dict, arm: str, against: str) -> dict[int, float]:
-    """{seed: accuracy of the arm's seed-s run minus the reference's seed-s run} (points); the base
-    model (no seed) is compared with every seed of the reference."""
-    ref = runs.get(against, {})
-    mine = runs[arm]
+def paired_runs(runs: dict, arm: str, against: str) -> dict[int, tuple[str, str]]:
+    """{seed: (the arm's run, the reference's run of that seed)}; the base model (no seed) is paired
+    with every seed of the reference."""
+    ref, mine = runs.get(against, {}), runs[arm]
     if None in mine:
-        return {s: accuracy(mine[None]) - accuracy(d) for s, d in ref.items()}
-    return {s: accuracy(d) - accuracy(ref[s]) for s, d in mine.items() if s in ref}
+        return {s: (mine[None], d) for s, d in ref.items()}
+    return {s: (d, ref[s]) for s, d in mine.items() if s in ref}
+
+
+def seed_differences(runs: dict, arm: str, against: str) -> dict[int, float]:
+    """{seed: accuracy of the arm's seed-s run minus the reference's seed-s run} (points)."""
+    return {s: accuracy(a) - accuracy(b) for s, (a, b) in paired_runs(runs, arm, against).items()}
 
 
 def fmt(x: float, digits: int = 1, sign: bool = False) -> str:
@@ -168,13 +172,10 @@ def mcnemar_table(runs: dict) -> list[str]:
     lines = ["| arm | against | per seed: difference (McNemar p) |", "| --- | --- | --- |"]
     for arm, seeds in runs.items():
         against = reference(arm)
-        ref = runs.get(against, {})
         cells = []
-        for s, d in seeds.items():
-            for rs, rd in ref.items():
-                if s is None or s == rs:
-                    c = report.compare(d, rd)
-                    cells.append(f"{'' if s is None else f's{s} '}{100 * c['diff']:+.1f} (p={c['mcnemar_p']:.2g})")
+        for s, (d, rd) in (paired_runs(runs, arm, against) if against in runs else {}).items():
+            c = report.compare(d, rd)
+            cells.append(f"{'' if None in seeds else f's{s} '}{100 * c['diff']:+.1f} (p={c['mcnemar_p']:.2g})")
         if cells:
             lines.append(f"| {arm} | {against} | {'; '.join(cells)} |")
     return lines
@@ -304,7 +305,7 @@ def amplification_table(runs: dict) -> tuple[list[str], dict]:
              "| --- | --- | --- | --- |"]
     summary = {}
     for arm, policy in AMPLIFICATION:
-        pairs = [(runs[arm][s], runs["uniform"][s]) for s in runs.get(arm, {}) if s in runs.get("uniform", {})]
+        pairs = list(paired_runs(runs, arm, "uniform").values()) if arm in runs else []
         if not pairs:
             continue
         cells = []
@@ -323,8 +324,9 @@ def amplification_table(runs: dict) -> tuple[list[str], dict]:
     return lines, summary
 
 
-def figures(runs: dict, out: str) -> list[str]:
-    """capacity.png, shares.png, amplification.png, curves.png; [] without matplotlib."""
+def figures(runs: dict, out: str, cap: dict) -> list[str]:
+    """capacity.png (from capacity_table's summary), shares.png, amplification.png, curves.png; [] without
+    matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -333,7 +335,6 @@ def figures(runs: dict, out: str) -> list[str]:
         return []
     made = []
     # 1. the positive control: accuracy against rank, per regime, each with its seeds' t interval
-    _, cap = capacity_table(runs)
     if cap:
         fig, ax = plt.subplots(figsize=(6, 4.2))
         for regime, rows in cap.items():
@@ -430,7 +431,7 @@ def write(out: str) -> str:
     flat_cmp, flat_cmp_sum = flatness_comparisons(runs, flat_sum)
     corr, corr_sum = correlation_table(runs)
     amp, amp_sum = amplification_table(runs)
-    made = figures(runs, out)
+    made = figures(runs, out, cap_sum)
     missing = [a for a in ARMS if a not in runs]
     text = ["# The study in miniature: report", "",
             f"Finished runs: {sum(len(v) for v in runs.values())}" +

@@ -466,7 +466,7 @@ def test_the_imports_go_one_way_as_the_readme_says():
         "dynamic": ["allocate", "lora", "profiler"], "checkpoint": ["lora", "rundir"],
         "config": ["allocate", "grpo", "gsm8k", "lora", "model", "organism", "rundir", "tiny"],
         "tiny": ["gsm8k", "model", "sft"],
-        "organism": ["gsm8k", "model", "sft", "tiny"], "study": ["config", "organism", "rundir", "study_report"],
+        "organism": ["gsm8k", "model", "rundir", "sft", "tiny"], "study": ["config", "organism", "rundir", "study_report"],
         "study_report": ["profiler", "report", "rundir", "stats"], "stats": [],
         "report": ["profiler", "rundir", "stats"], "bench": ["generate", "grpo", "lora", "model", "profiler", "rundir"],
     }
