@@ -76,9 +76,15 @@ def eval_summary(name: str) -> str:
 # ---------------------------------------------------------------------------------------- writing
 
 def atomic_write(path: str, write):
-    """write(tmp) then rename tmp to path: readers see the old file or the new one, never half of one."""
+    """write(tmp) then rename tmp to path: readers see the old file or the new one, never half of one.
+    A write that fails (a full disk) removes its half-written tmp and raises; the old file stays."""
     tmp = path + ".tmp"
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -117,6 +123,24 @@ def read_json(path: str):
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not a text file") from None
+
+
+def read_metrics(path: str) -> tuple[list[str], bool]:
+    """The lines of a metrics.jsonl, each a JSON object, and whether a torn last line (a crash in the
+    middle of writing it) was left out. A bad line before the last is a ValueError naming file and line:
+    that is damage, not an interrupted append."""
+    if not os.path.isfile(path):
+        return [], False
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                return lines[:-1], True
+            raise ValueError(f"{path}:{i + 1}: not valid JSON (only the last line can be torn by a crash)") from None
+    return lines, False
 
 
 def count_lines(path: str) -> int:

@@ -169,9 +169,14 @@ class Run:
     # -- checkpoints: checkpoint.py's one file, plus the profile (its own file)
     def save_checkpoint(self):
         if parallel.is_main():
-            checkpoint.save(os.path.join(self.dir, rundir.CHECKPOINT), self.step, self.model, self.opt, self.sched,
-                            self.device)
-            self.profiler.save(self.dir)
+            path = os.path.join(self.dir, rundir.CHECKPOINT)
+            try:  # the profile first: rows past a checkpoint are recomputed, rows missing from it are lost
+                self.profiler.save(self.dir)
+                checkpoint.save(path, self.step, self.model, self.opt, self.sched, self.device)
+            except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError, not OSError
+                kept = "the previous checkpoint is intact" if os.path.isfile(path) else "no checkpoint was written"
+                raise SystemExit(f"error: cannot write {path} at step {self.step} ({config.one_line(e)}; a full "
+                                 f"disk?); {kept}: free space, then --resume {self.dir}")
 
     def load_checkpoint(self):
         try:
@@ -182,20 +187,25 @@ class Run:
         # Every file must reach the checkpoint's step; what lies beyond it is recomputed. A file that
         # falls short lost steps, and resuming would hide that: refuse, saying what is missing.
         metrics = os.path.join(self.dir, rundir.METRICS)
-        lines = rundir.count_lines(metrics)
+        try:
+            lines, torn = rundir.read_metrics(metrics)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}; the run cannot be resumed: start it again with another --out")
+        if torn:  # a crash while appending a step's line: that step is recomputed, or found lost below
+            log(f"note: {metrics}: its last line was torn (a crash while it was written) and is dropped")
         try:
             self.profiler.load(self.dir)
         except Exception as e:
             raise SystemExit(f"error: {self.dir}/{rundir.PROFILE} cannot be read ({config.one_line(e)}); the run "
                              f"cannot be resumed: start it again with another --out")
-        for name, have in ((rundir.METRICS, lines), (rundir.PROFILE, len(self.profiler))):
+        for name, have in ((rundir.METRICS, len(lines)), (rundir.PROFILE, len(self.profiler))):
             if have < self.step:
                 raise SystemExit(f"error: {self.dir}/{name} holds {have} of the checkpoint's {self.step} steps: "
                                  f"steps were lost, so the run cannot be resumed honestly; start it again with "
                                  f"another --out")
         self.profiler.truncate(self.step)  # steps after the checkpoint are recomputed
         if parallel.is_main():
-            rundir.truncate_jsonl(metrics, self.step)
+            rundir.atomic_lines(metrics, lines[:self.step])
 
     # -- evaluation
     def evaluate(self, examples, name: str) -> dict:

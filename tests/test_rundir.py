@@ -19,7 +19,18 @@ def test_a_crash_while_writing_leaves_the_previous_file_whole(tmp_path):
 
     with pytest.raises(OSError, match="disk full"):
         R.atomic_write(path, dies)
-    assert R.read_json(path) == {"a": 1}
+    assert R.read_json(path) == {"a": 1} and not os.path.exists(path + ".tmp")
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_bad_middle_line_named(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "rew')  # a crash while appending step 3
+    assert R.read_metrics(str(path)) == (['{"step": 1}\n', '{"step": 2}\n'], True)
+    path.write_text('{"step": 1}\n{"step": 2}\n')
+    assert R.read_metrics(str(path)) == (['{"step": 1}\n', '{"step": 2}\n'], False)
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')  # damage, not an interrupted append
+    with pytest.raises(ValueError, match=r"m\.jsonl:2: not valid JSON"):
+        R.read_metrics(str(path))
 
 
 def test_readers_name_the_file_and_the_line(tmp_path):

@@ -199,7 +199,7 @@ def test_saved_config_reproduces_the_run(tmp_path):
     assert load(tmp_path / "runs/b/config.json")["steps"] == 3
 
 
-def test_a_crash_mid_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):
+def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_previous_one(tmp_path, monkeypatch):
     import train
     common = ["--preset", "tiny", "--steps", "8", "--eval-every", "0", "--checkpoint-every", "2"]
     run([*common, "--out", "runs/c", "--stop-after", "2"], tmp_path)
@@ -213,10 +213,13 @@ def test_a_crash_mid_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch, "save", crash_while_writing)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SystemExit, match=r"cannot write runs/c/checkpoint.pt at step 4 \(disk full; a full disk\?\); "
+                                         r"the previous checkpoint is intact: free space, then --resume runs/c"):
         train.main(["--resume", "runs/c"])
     monkeypatch.undo()
     assert ckpt.read_bytes() == before and torch.load(ckpt, weights_only=False)["step"] == 2
+    assert not os.path.exists(f"{ckpt}.tmp")  # the half-written file is not left behind
+    run(["--resume", "runs/c"], tmp_path)  # and the run goes on from step 2
 
 
 def test_ctrl_c_writes_a_checkpoint(tmp_path):
@@ -313,6 +316,20 @@ def test_resume_reconciles_every_file_with_the_checkpoint(tmp_path):
     p = run(["--resume", "runs/nometrics"], tmp_path, ok=False)
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode != 0 and "metrics.jsonl holds 0 of the checkpoint's 2 steps" in last, p.stderr[-1000:]
+    # a crash while appending a line past the checkpoint: the torn line is dropped with a note, the step recomputed
+    run([*common, "--out", "runs/torn", "--stop-after", "2"], tmp_path)
+    with open(tmp_path / "runs/torn/metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "rew')
+    p = run(["--resume", "runs/torn"], tmp_path)
+    assert "its last line was torn (a crash while it was written) and is dropped" in p.stdout
+    assert [x["step"] for x in metrics_of(tmp_path / "runs/torn")] == list(range(1, 7))
+    assert load(tmp_path / "runs/torn/results.json")["train_tokens"] == whole["train_tokens"]
+    # torn inside the checkpoint's steps: that step's line is lost, which the resume says instead of hiding it
+    run([*common, "--out", "runs/torn2", "--stop-after", "2"], tmp_path)
+    text = (tmp_path / "runs/torn2/metrics.jsonl").read_text()
+    (tmp_path / "runs/torn2/metrics.jsonl").write_text(text[:-20])
+    p = run(["--resume", "runs/torn2"], tmp_path, ok=False)
+    assert "metrics.jsonl holds 1 of the checkpoint's 2 steps" in p.stderr.strip().splitlines()[-1]
     # a corrupt profile: one line
     run([*common, "--out", "runs/badprofile", "--stop-after", "2"], tmp_path)
     (tmp_path / "runs/badprofile/profile.safetensors").write_bytes(b"garbage")
