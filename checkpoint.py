@@ -65,6 +65,15 @@ def load(path: str, model, optimizer, scheduler, device: torch.device) -> int:
     return state["step"]
 
 
+def step_of(path: str) -> int | None:
+    """The step a checkpoint holds, read without loading its tensors into memory; None when there is no
+    readable checkpoint (load() then says why)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:
+        return None
+
+
 def rng_state(device: torch.device) -> dict:
     """Every RNG's state as tensors and plain values, so a checkpoint loads with weights_only=True."""
     np_state = np.random.get_state(legacy=False)  # {'bit_generator', 'state': {'key', 'pos'}, 'has_gauss', 'gauss'}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ STRATEGIES = ("base", "uniform", "proportional", "random", "reduced", "dynamic")
 TINY_MODEL = "tiny"  # --preset tiny's model: built by tiny.py into the run folder
 ORGANISM_MODEL = "organism"  # --preset organism's model: built once per machine by organism.py, cached
 # flags that may change when a run is resumed: how long and how it runs, never what it trains
+# what train.py records in config.json beside the settings (read back by nothing but a reader)
+RECORDED = ("model_path", "torch")
 RESUMABLE = ("steps", "stop_after", "checkpoint_every", "threads", "eval_batch", "compile", "device")
 ALGOS = ("grpo", "sft")
 
@@ -171,8 +174,22 @@ def read_config(path: str) -> dict:
     saved = read_json(path)
     if not isinstance(saved, dict):
         raise SystemExit(f"error: {path}: not a run's config (expected a JSON object)")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in saved.items() if k in names and k not in ("out", "stop_after")}
+    kinds = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    if unknown := sorted(set(saved) - set(kinds) - set(RECORDED)):  # a typo would be ignored without a word
+        raise SystemExit(f"error: {path}: unknown setting(s) {', '.join(unknown)}; the settings are train.py's "
+                         f"flags with _ for - (python train.py --help)")
+    return {k: typed(k, v, kinds[k], path) for k, v in saved.items() if k in kinds and k not in ("out", "stop_after")}
+
+
+def typed(name: str, value, kind: str, path: str):
+    """A setting read from a JSON file, checked against its field's type ("int | None", "float", ...)."""
+    base, optional = kind.split(" | ")[0], kind.endswith("| None")
+    if value is None and optional:
+        return value
+    allowed = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}[base]
+    if not isinstance(value, allowed) or (isinstance(value, bool) and base != "bool"):
+        raise SystemExit(f"error: {path}: {name} is {json.dumps(value)}; expected {kind.replace('|', 'or')}")
+    return float(value) if base == "float" else value
 
 
 def flag(name: str) -> str:
@@ -206,6 +223,17 @@ def check(cfg: TrainConfig):
         raise SystemExit(f"error: --scale-policy {cfg.scale_policy!r} unknown; allowed: {lora.SCALE_POLICIES}")
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise SystemExit(f"error: --lr-schedule {cfg.lr_schedule!r} unknown; allowed: constant, cosine")
+    if cfg.device not in (None, "cpu", "cuda"):
+        raise SystemExit(f"error: --device {cfg.device!r} unknown; allowed: cpu, cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise SystemExit(f"error: --device cuda: PyTorch {torch.__version__} ({build}) sees no CUDA device; "
+                         f"--device cpu runs on the CPU")
+    if cfg.seeds is not None:
+        try:
+            rundir.parse_seeds(cfg.seeds)
+        except ValueError as e:
+            raise SystemExit(f"error: --seeds {e}")
     if cfg.compile not in ("auto", "on", "off"):
         raise SystemExit(f"error: --compile {cfg.compile!r} unknown; allowed: auto, on, off")
     try:  # GRPO's own settings are checked where they are defined; its messages open with the field's name
@@ -243,9 +271,9 @@ def read_rank_pattern(path: str) -> dict:
     return pattern
 
 
-def resume_config(run_dir: str, given: dict, is_main: bool = True) -> TrainConfig | None:
+def resume_config(run_dir: str, given: dict, is_main: bool = True, at_step: int | None = None) -> TrainConfig | None:
     """The saved config with the flags that may change on resume applied (and saved, by the main process);
-    None when the run is finished."""
+    None when the run is finished. `at_step`: the step of the run's checkpoint, which --steps cannot undercut."""
     path = os.path.join(run_dir, rundir.CONFIG)
     if not os.path.isfile(path):
         raise SystemExit(f"error: --resume {run_dir}: no {rundir.CONFIG} (not a run folder)")
@@ -264,6 +292,9 @@ def resume_config(run_dir: str, given: dict, is_main: bool = True) -> TrainConfi
             print(f"{run_dir} is finished ({done} of {cfg.steps} steps; results.json): nothing to resume. "
                   f"--steps N > {done} trains it further")
             return None
+    if at_step is not None and cfg.steps < at_step:  # it would end past its length, with config.json saying otherwise
+        raise SystemExit(f"error: --steps {cfg.steps}: {run_dir} is already at step {at_step} ({rundir.CHECKPOINT}); "
+                         f"a run cannot be shortened: give --steps {at_step} or more, or start a new run")
     if cfg != saved and is_main:  # e.g. more steps: the saved config says what the run became
         rundir.atomic_json(path, {**read_json(path), **{k: getattr(cfg, k) for k in given if k != "stop_after"}})
     return cfg

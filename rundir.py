@@ -187,6 +187,17 @@ def check_out(run_dir: str):
         raise ValueError(f"--out {run_dir}: {path} is a file, not a folder")
 
 
+def parse_seeds(text: str) -> list[int]:
+    """The seeds a --seeds flag names ("0,1,2"), one seed<N> folder each: distinct, >= 0; ValueError else."""
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{text!r}: expected comma-separated integers such as 0,1,2") from None
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"{text!r}: seeds must be distinct and >= 0 (each is a seed<N> folder)")
+    return seeds
+
+
 def seed_runs(path: str) -> list[str]:
     """The finished seed<N> runs of a --seeds parent folder, by seed."""
     found = glob.glob(os.path.join(path, "seed*", RESULTS))

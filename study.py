@@ -164,12 +164,9 @@ def run_matrix(jobs: list[Job], out: str, parallel: int, log=print) -> list[str]
 
 def parse_seeds(text: str, flag: str) -> list[int]:
     try:
-        seeds = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"error: {flag} {text!r}: expected comma-separated integers such as 0,1,2")
-    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise SystemExit(f"error: {flag} {text!r}: seeds must be distinct and >= 0")
-    return seeds
+        return rundir.parse_seeds(text)
+    except ValueError as e:
+        raise SystemExit(f"error: {flag} {e}")
 
 
 def check_settings(out: str, settings: dict):

@@ -409,6 +409,9 @@ def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None
     config.json is written leaves no folder behind."""
     threads = config.set_threads(cfg)
     device = parallel.init(cfg.device)  # under torchrun: join the group before anyone writes
+    if cfg.prompts_per_step % parallel.world():  # before anything is written (parallel.shard would say it later)
+        raise SystemExit(f"error: --prompts-per-step {cfg.prompts_per_step} must be a multiple of the "
+                         f"{parallel.world()} processes torchrun started")
     notes = []
     if not resume:
         try:
@@ -491,7 +494,8 @@ def main(argv=None):
                 _lock = hold(args.resume)  # noqa: F841 (held until this process ends)
             except ValueError as e:
                 raise SystemExit(f"error: {e}")
-        resumed = config.resume_config(args.resume, args.given, parallel.is_main())
+        resumed = config.resume_config(args.resume, args.given, parallel.is_main(),
+                                       at_step=checkpoint.step_of(os.path.join(args.resume, rundir.CHECKPOINT)))
         if resumed is not None:
             run_one(resumed, args.resume, True, args.given.get("stop_after"))
         return
@@ -500,11 +504,7 @@ def main(argv=None):
     if not cfg.seeds:
         run_one(cfg, out, False, cfg.stop_after)
         return
-    try:
-        seeds = [int(x) for x in cfg.seeds.split(",")]
-    except ValueError:
-        raise SystemExit(f"error: --seeds {cfg.seeds!r}: expected comma-separated integers such as 0,1,2")
-    for seed in seeds:  # one after another; report.py summarises them
+    for seed in rundir.parse_seeds(cfg.seeds):  # checked by config.check  # one after another; report.py summarises them
         run_one(dataclasses.replace(cfg, seed=seed, seeds=None), os.path.join(out, f"seed{seed}"), False,
                 cfg.stop_after)
 

@@ -67,3 +67,13 @@ def test_without_torchrun_everything_is_a_no_op():
     p.grad = torch.ones(2)
     parallel.all_reduce_grads([p])
     assert torch.equal(p.grad, torch.ones(2))
+
+
+def test_an_uneven_split_is_refused_before_anything_is_written(tmp_path):
+    """3 prompts per step cannot be shared by 2 processes: one line, and no run folder left to block --out."""
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        TRAIN, *ARGS, "--prompts-per-step", "3", "--out", "runs/odd"], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "error: --prompts-per-step 3 must be a multiple of the 2 processes torchrun started" in p.stderr
+    assert not (tmp_path / "runs").exists()

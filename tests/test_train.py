@@ -127,11 +127,19 @@ def test_clear_errors(tmp_path):
         (["--preset", "tiny", "--out", "afile/run"], "afile is a file"),
         (["--preset", "tiny", "--config", "bad.json"], "bad.json:2: not valid JSON"),
         (["--resume", "bad_run"], "config.json:1: not valid JSON"),
+        (["--preset", "tiny", "--config", "typed.json"], 'typed.json: lr is "fast"; expected float'),
+        (["--preset", "tiny", "--config", "typo.json"], "typo.json: unknown setting(s) lrr; the settings are"),
+        (["--preset", "tiny", "--seeds", "0,0"], "--seeds '0,0': seeds must be distinct and >= 0"),
+        (["--preset", "tiny", "--device", "tpu"], "--device 'tpu' unknown; allowed: cpu, cuda"),
         (["--device", "cpu", "--data", "nodata"], "nodata: no such file"),
         (["--device", "cpu", "--data", "emptydata", "--data-unverified"], "train.jsonl: no problems"),
         (["--device", "cpu", "--data", "emptydata"], "is not the GSM8K train release's"),
         (["--device", "cpu", "--data", "baddata", "--data-unverified"], "baddata/train.jsonl:2: malformed"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["--preset", "tiny", "--device", "cuda"], "--device cuda: PyTorch"))
+    (tmp_path / "typed.json").write_text(json.dumps({"lr": "fast"}))
+    (tmp_path / "typo.json").write_text(json.dumps({"lrr": 0.1}))
     (tmp_path / "zeros.json").write_text(json.dumps({"model.layers.*": 0}))
     (tmp_path / "huge.json").write_text(json.dumps({"model.layers.0.self_attn.k_proj": 100000}))
     (tmp_path / "afile").write_text("not a folder")
@@ -347,6 +355,11 @@ def test_resume_applies_the_flags_that_may_change_and_refuses_the_others(tmp_pat
     p = run(["--resume", "runs/r", "--steps", "5", "--lr", "0.5"], tmp_path, ok=False)
     last = p.stderr.strip().splitlines()[-1]
     assert "--lr (the run has 0.002) cannot change when resuming" in last and "--steps" in last
+    # fewer steps than the run has done: refused (it would end at its step while config.json said otherwise)
+    run([*common, "--out", "runs/s", "--stop-after", "2", "--checkpoint-every", "1"], tmp_path)
+    p = run(["--resume", "runs/s", "--steps", "1"], tmp_path, ok=False)
+    assert "--steps 1: runs/s is already at step 2 (checkpoint.pt); a run cannot be shortened" in p.stderr
+    assert load(tmp_path / "runs/s/config.json")["steps"] == 3
     run(["--resume", "runs/r", "--steps", "5"], tmp_path)  # more steps: applied and saved
     assert load(tmp_path / "runs/r/config.json")["steps"] == 5 and load(tmp_path / "runs/r/results.json")["steps"] == 5
     assert [x["step"] for x in metrics_of(tmp_path / "runs/r")] == [1, 2, 3, 4, 5]
