@@ -34,10 +34,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-import organism
 import rundir
-import study_report
-from config import PRESETS
+
+# config, organism and study_report import torch (seconds; 25 s on a busy machine): they are imported
+# where they are used, after the arguments that need no project code are checked, so a typo costs nothing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,9 +55,12 @@ class Job:
 
 
 def matrix(out: str, seeds: list[int], side_seeds: list[int], extra: list[str], preset: str = "organism",
-           arms=study_report.ARMS) -> list[Job]:
-    """Every run of the study (of `arms`), in an order that lets each start as soon as its profile exists:
-    the main arms on `seeds`, the side arms and the capacity sweep on `side_seeds`."""
+           arms: list[str] | None = None) -> list[Job]:
+    """Every run of the study (of `arms`, default all), in an order that lets each start as soon as its
+    profile exists: the main arms on `seeds`, the side arms and the capacity sweep on `side_seeds`."""
+    import study_report
+    from config import PRESETS
+    arms = study_report.ARMS if arms is None else arms
     r0, alpha = PRESETS[preset]["rank"], PRESETS[preset]["alpha"]
     assert r0 == study_report.R0, "study_report.R0 is the preset's rank: the sweep's r0 runs are the main arms"
     # rsLoRA with the preset's alpha would scale every adapter by sqrt(r0) more than the fixed policy at
@@ -173,6 +176,7 @@ def check_settings(out: str, settings: dict):
     """A study folder keeps one preset and one run length: its first invocation records them in
     study.json, and a later one with other settings is refused (its finished runs would be skipped
     and runs of two lengths mixed in one report)."""
+    from config import PRESETS
     path = os.path.join(out, "study.json")
     # no --steps means the preset's: the same length as saying it
     resolved = lambda d: {**d, "steps": d.get("steps") or PRESETS.get(d.get("preset"), {}).get("steps")}
@@ -196,7 +200,7 @@ def main(argv=None):
                                          "4 of --seeds]")
     ap.add_argument("--steps", type=int, help="steps per run [default: the organism preset's]")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once, one CPU thread each [default: 2]")
-    ap.add_argument("--arms", help=f"the arms to run [default: all; with --quick: {','.join(study_report.MAIN)}]")
+    ap.add_argument("--arms", help="the arms to run, comma-separated [default: all; with --quick: the main arms]")
     ap.add_argument("--preset", default="organism", help="train.py's preset [default: organism; tiny for a dry run]")
     ap.add_argument("--report-only", action="store_true", help="write the report from the run folders only")
     args = ap.parse_args(argv)
@@ -209,6 +213,13 @@ def main(argv=None):
         raise SystemExit(f"error: --jobs {args.jobs}: must be >= 1")
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"error: --steps {args.steps}: must be >= 1")
+    try:
+        rundir.check_out(out)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    import organism
+    import study_report
+    from config import PRESETS
     if args.preset not in PRESETS:
         raise SystemExit(f"error: --preset {args.preset!r} unknown; allowed: {', '.join(PRESETS)}")
     arms = (args.arms.split(",") if args.arms else
@@ -230,6 +241,8 @@ def main(argv=None):
         print(f"study: matrix done in {minutes(time.perf_counter() - t0)}" +
               (f"; {len(failed)} failed: " + "; ".join(failed) if failed else ""), flush=True)
     path = study_report.write(out)
+    if started := study_report.unfinished(out):  # e.g. --report-only while runs are going, or after a failure
+        print(f"study: {len(started)} unfinished run(s) left out of the report: {', '.join(started)}")
     print(f"study: report in {path}")
     if not args.report_only and failed:
         raise SystemExit(1)

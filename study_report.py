@@ -26,6 +26,7 @@ Left out: running anything (study.py), and significance corrections across the m
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import math
 import os
@@ -82,6 +83,14 @@ def collect(out: str) -> dict[str, dict[int | None, str]]:
         elif seeds := rundir.seed_runs(os.path.join(out, arm)):
             runs[arm] = dict(sorted((int(os.path.basename(d)[4:]), d) for d in seeds))
     return runs
+
+
+def unfinished(out: str) -> list[str]:
+    """The study's run folders that were started (config.json) but not finished (no results.json): a
+    report leaves them out, and says which."""
+    started = [os.path.dirname(p) for arm in ARMS for p in (glob.glob(os.path.join(out, arm, rundir.CONFIG)) +
+                                                         glob.glob(os.path.join(out, arm, "seed*", rundir.CONFIG)))]
+    return sorted(os.path.relpath(d, out) for d in started if not rundir.is_finished(d))
 
 
 def check_comparable(runs: dict, out: str):
@@ -432,10 +441,11 @@ def write(out: str) -> str:
     corr, corr_sum = correlation_table(runs)
     amp, amp_sum = amplification_table(runs)
     made = figures(runs, out, cap_sum)
-    missing = [a for a in ARMS if a not in runs]
+    missing, started = [a for a in ARMS if a not in runs], unfinished(out)
     text = ["# The study in miniature: report", "",
             f"Finished runs: {sum(len(v) for v in runs.values())}" +
-            (f"; arms without a finished run: {', '.join(missing)}" if missing else "") + ".",
+            (f"; arms without a finished run: {', '.join(missing)}" if missing else "") +
+            (f"; unfinished runs left out: {', '.join(started)}" if started else "") + ".",
             f"Made with: {provenance(runs)}.", "",
             "## Accuracy, the seed as the unit", "",
             "Each seed of an arm against the same seed of its reference; intervals are Student's t over seeds, "

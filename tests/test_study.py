@@ -56,9 +56,21 @@ def test_a_study_folder_keeps_its_settings(tmp_path):
     study.check_settings(str(tmp_path / "t"), {"preset": "tiny", "steps": 12})
     for bad, why in ((["--seeds", "0,0"], "distinct"), (["--seeds", "a"], "comma-separated"),
                      (["--steps", "-1"], "must be >= 1"), (["--preset", "nosuch"], "unknown"),
-                     (["--seeds", "0,1", "--side-seeds", "2"], "must be among --seeds")):
+                     (["--seeds", "0,1", "--side-seeds", "2"], "must be among --seeds"),
+                     (["--arms", "uniform,nosuch"], "nosuch unknown"), (["--jobs", "0"], "must be >= 1")):
         with pytest.raises(SystemExit, match=why):
             study.main(["--out", str(tmp_path / "x"), *bad])
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="afile is a file, not a folder"):
+        study.main(["--out", str(tmp_path / "afile")])
+
+
+def test_a_typo_is_refused_before_torch_is_imported():
+    """study.py's own checks come before the imports that bring torch (25 s on a busy machine)."""
+    code = ("import sys, study\ntry:\n    study.main(['--seeds', '0,0'])\nexcept SystemExit as e:\n"
+            "    print(e, 'torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip() == "error: --seeds '0,0': seeds must be distinct and >= 0 (each is a seed<N> folder) False"
 
 
 def test_a_killed_study_resumes_and_skips_finished_runs_then_reports(tmp_path):
@@ -81,9 +93,13 @@ def test_a_killed_study_resumes_and_skips_finished_runs_then_reports(tmp_path):
     assert 1 <= len(finished) < 5
     unfinished = [p.parent for p in out.glob("*/seed0/config.json") if not (p.parent / "results.json").exists()]
     assert unfinished  # the next invocation must --resume it (a fresh start would be refused)
+    p = subprocess.run(study_cmd(out, "--report-only"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    named = ", ".join(sorted(str(d.relative_to(out)) for d in unfinished))  # left out, and said so
+    assert p.returncode == 0 and f"unfinished run(s) left out of the report: {named}" in p.stdout, p.stdout + p.stderr
+    assert f"unfinished runs left out: {named}" in (out / "REPORT.md").read_text()
     p = subprocess.run(study_cmd(out, "--jobs", "2"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert f"{len(finished)} of 5 runs already finished (skipped)" in p.stdout
+    assert f"{len(finished)} of 5 runs already finished (skipped)" in p.stdout and "unfinished" not in p.stdout
     assert "run 5 of 5 done" in p.stdout and "failed" not in p.stdout.lower()
     assert all(path.stat().st_mtime_ns == t for path, t in finished.items())  # untouched
     for arm in ("uniform", "proportional", "random-rslora", "sft-uniform"):
