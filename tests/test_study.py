@@ -75,14 +75,15 @@ def test_a_typo_is_refused_before_torch_is_imported():
 
 def test_a_killed_study_resumes_and_skips_finished_runs_then_reports(tmp_path):
     out = tmp_path / "study"
-    proc = subprocess.Popen(study_cmd(out, "--jobs", "1"), cwd=tmp_path, stdout=subprocess.PIPE,
+    # 8 steps: the tiny preset's checkpoint at step 4 lets the kill land in a run with a checkpoint
+    proc = subprocess.Popen(study_cmd(out, "--jobs", "1", "--steps", "8"), cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 240
 
-    def mid_run():  # a run finished, and another one started (its config.json written) but not finished
+    def mid_run():  # a run finished, and another one past its first checkpoint but not finished
         started = [p.parent for p in out.glob("*/seed0/config.json")]
         return any((d / "results.json").exists() for d in started) and \
-            any(not (d / "results.json").exists() and (d / "metrics.jsonl").exists() for d in started)
+            any(not (d / "results.json").exists() and (d / "checkpoint.pt").exists() for d in started)
 
     while not mid_run():
         assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
@@ -93,12 +94,17 @@ def test_a_killed_study_resumes_and_skips_finished_runs_then_reports(tmp_path):
     assert 1 <= len(finished) < 5
     unfinished = [p.parent for p in out.glob("*/seed0/config.json") if not (p.parent / "results.json").exists()]
     assert unfinished  # the next invocation must --resume it (a fresh start would be refused)
+    resumed = next(d for d in unfinished if (d / "checkpoint.pt").exists())
+    logged = (resumed / "metrics.jsonl").read_text().splitlines()[:4]  # the steps the checkpoint holds
     p = subprocess.run(study_cmd(out, "--report-only"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     named = ", ".join(sorted(str(d.relative_to(out)) for d in unfinished))  # left out, and said so
     assert p.returncode == 0 and f"unfinished run(s) left out of the report: {named}" in p.stdout, p.stdout + p.stderr
     assert f"unfinished runs left out: {named}" in (out / "REPORT.md").read_text()
-    p = subprocess.run(study_cmd(out, "--jobs", "2"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(study_cmd(out, "--jobs", "2", "--steps", "8"), cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
+    # resumed from its checkpoint, not restarted: the first 4 lines (their times too) are the ones written before
+    assert (resumed / "metrics.jsonl").read_text().splitlines()[:4] == logged and len(logged) == 4
     assert f"{len(finished)} of 5 runs already finished (skipped)" in p.stdout and "unfinished" not in p.stdout
     assert "run 5 of 5 done" in p.stdout and "failed" not in p.stdout.lower()
     assert all(path.stat().st_mtime_ns == t for path, t in finished.items())  # untouched
@@ -144,3 +150,18 @@ def test_a_killed_study_takes_its_runs_with_it(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         raise AssertionError(f"train.py {child} outlived its study")
+
+
+def test_an_allocation_waits_for_its_profile_even_with_two_jobs(tmp_path, monkeypatch):
+    """From scratch with --jobs 2, proportional and reduced start only after their uniform run finished
+    (fake runs that record when they start and end; uniform is the slowest)."""
+    out = str(tmp_path / "s")
+    script = ("import json, os, sys, time; d = sys.argv[1]; os.makedirs(d, exist_ok=True)\n"
+              "start = time.time(); time.sleep(1.0 if '/uniform/' in d + '/' else 0.1)\n"
+              "json.dump({'start': start, 'end': time.time()}, open(os.path.join(d, 'results.json'), 'w'))")
+    monkeypatch.setattr(study, "command", lambda job, out: [sys.executable, "-c", script, os.path.join(out, job.dir_name)])
+    jobs = study.matrix(out, [0], [], [], preset="tiny", arms=["uniform", "proportional", "reduced", "random"])
+    assert study.run_matrix(jobs, out, parallel=2, log=lambda msg: None) == []
+    times = {j.arm: json.load(open(os.path.join(out, j.dir_name, "results.json"))) for j in jobs}
+    assert times["proportional"]["start"] >= times["uniform"]["end"] <= times["reduced"]["start"]
+    assert times["random"]["start"] < times["uniform"]["end"]  # the second job did not idle meanwhile

@@ -355,11 +355,18 @@ def test_resume_applies_the_flags_that_may_change_and_refuses_the_others(tmp_pat
     p = run(["--resume", "runs/r", "--steps", "5", "--lr", "0.5"], tmp_path, ok=False)
     last = p.stderr.strip().splitlines()[-1]
     assert "--lr (the run has 0.002) cannot change when resuming" in last and "--steps" in last
+    p = run(["--resume", "runs/r", "--seed", "1"], tmp_path, ok=False)
+    assert "--seed (the run has 0) cannot change when resuming" in p.stderr.strip().splitlines()[-1]
     # fewer steps than the run has done: refused (it would end at its step while config.json said otherwise)
     run([*common, "--out", "runs/s", "--stop-after", "2", "--checkpoint-every", "1"], tmp_path)
     p = run(["--resume", "runs/s", "--steps", "1"], tmp_path, ok=False)
     assert "--steps 1: runs/s is already at step 2 (checkpoint.pt); a run cannot be shortened" in p.stderr
     assert load(tmp_path / "runs/s/config.json")["steps"] == 3
+    # a resumed config is checked like a new one: a bad value in config.json is one line
+    saved = load(tmp_path / "runs/s/config.json")
+    (tmp_path / "runs/s/config.json").write_text(json.dumps({**saved, "micro_batch": 0}))
+    p = run(["--resume", "runs/s"], tmp_path, ok=False)
+    assert p.stderr.strip().splitlines()[-1] == "error: --micro-batch 0: must be >= 1"
     run(["--resume", "runs/r", "--steps", "5"], tmp_path)  # more steps: applied and saved
     assert load(tmp_path / "runs/r/config.json")["steps"] == 5 and load(tmp_path / "runs/r/results.json")["steps"] == 5
     assert [x["step"] for x in metrics_of(tmp_path / "runs/r")] == [1, 2, 3, 4, 5]
@@ -582,3 +589,31 @@ def test_a_second_writer_is_refused_while_the_first_lives(tmp_path):
         first.wait()
     p = run(["--resume", "runs/a", "--stop-after", "1"], tmp_path)
     assert "resumed at step" in p.stdout + p.stderr
+
+
+def test_different_seeds_draw_different_sampling_noise(tmp_path, monkeypatch):
+    """The same prompts and, at step 0, the same model (B = 0): only the sampling noise can differ. It
+    must follow --seed (the same seed twice: the same completions; another seed: others)."""
+    import config
+    import grpo
+    import train
+
+    class Stop(Exception):
+        pass
+
+    texts, fixed, real = [], [], grpo.rollout
+
+    def first_rollout(*args, **kwargs):
+        texts.append(real(*args, **kwargs).texts)
+        raise Stop
+
+    monkeypatch.setattr(grpo, "rollout", first_rollout)
+    monkeypatch.chdir(tmp_path)
+    for i, seed in enumerate((0, 0, 1)):
+        cfg, _ = config.parse_args(["--preset", "tiny", "--seed", str(seed)])
+        r = train.Run(cfg, f"r{i}", torch.device("cpu"))
+        fixed = fixed or r.batch(0)  # seed 0's problems for every run: data order is not what is tested
+        monkeypatch.setattr(r, "batch", lambda step: fixed)
+        with pytest.raises(Stop):
+            train.train(r, None)
+    assert texts[0] == texts[1] and texts[2] != texts[0]
