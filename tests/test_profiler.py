@@ -193,19 +193,44 @@ def test_report_cli(tmp_path, capsys):
         P.main([str(tmp_path / "bad")])
 
 
-def test_plot_writes_a_png_with_a_rank_history_for_dynamic_runs(tmp_path):
+def test_a_dynamic_runs_layer_ranks_are_those_of_its_last_step():
+    """Ranks move twice during a run: layer_ranks and the summary's final ranks are the last step's, not
+    the first's or a middle step's; a module without an adapter (rank 0) is left out of its layer's mean."""
+    p = synthetic_profile(np.ones(4), steps=6, ranks=[8] * 4)
+    p.ranks[2:] = np.array([4, 8, 12, 8])[:, None]
+    p.ranks[5:] = np.array([6, 10, 8, 8])[:, None]
+    p.ranks[:, 3, 0] = 0  # layer 3's q_proj has no adapter: its mean is over the other six modules
+    np.testing.assert_array_equal(p.layer_ranks, [6, 10, 8, 8])
+    assert P.summary(p)["layer_ranks"] == [6, 10, 8, 8]
+
+
+def test_plot_writes_a_png_with_a_rank_history_for_dynamic_runs(tmp_path, monkeypatch):
+    """The figure's bars are each run's last-step ranks, and the dynamic run (only it) gets a layers x steps
+    rank-history image whose column j is step j + 1, a module without an adapter left out of the mean."""
     pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
     from safetensors.numpy import save_file
     static = synthetic_profile(np.linspace(1, 2, 6), ranks=[8] * 6)
     moving = synthetic_profile(np.linspace(1, 2, 6), ranks=[8] * 6)
     moving.ranks[15:] = np.array([6, 7, 8, 8, 9, 10])[:, None]
+    moving.ranks[:, 2, 5] = 0  # layer 2's up_proj has no adapter: its history stays 8, not 8·6/7
     for name, prof in (("s", static), ("d", moving)):
         (tmp_path / name).mkdir()
         save_file({"grad_norms": prof.grad_norms, "ranks": prof.ranks, "scales": prof.scales},
                   str(tmp_path / name / rundir.PROFILE), metadata={"modules": '["q_proj","k_proj","v_proj",'
                   '"o_proj","gate_proj","up_proj","down_proj"]', "layers": "6"})
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))  # closed, still readable
     assert P.plot([str(tmp_path / "s"), str(tmp_path / "d")], str(tmp_path / "f.png"))
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    (fig,) = figures
+    bars = {c.get_label(): [r.get_height() for r in c] for c in fig.axes[2].containers}
+    assert bars == {"s": [8] * 6, "d": [6, 7, 8, 8, 9, 10]}
+    (image,) = [im for ax in fig.axes for im in ax.images]  # one history: the static run has none
+    history = np.full((6, 30), 8.0)
+    history[:, 15:] = np.array([6, 7, 8, 8, 9, 10])[:, None]
+    np.testing.assert_array_equal(image.get_array(), history)  # [layers, steps]
+    assert image.get_extent() == [0.5, 30.5, -0.5, 5.5] and image.axes.get_title().startswith("d: ")
 
 
 def test_what_each_scale_policy_predicts_for_rank_shift_at_initialisation():
