@@ -76,11 +76,42 @@ def test_micro_batches_sum_to_the_batch_loss(loss_type):
     assert abs(whole.item() - parts.item()) <= 1e-12
 
 
-def test_ratio_is_one_and_nothing_clips_on_the_first_pass():
-    logp, _, ref, adv, mask = random_case(1)
-    _, ratio, _ = R.per_token_loss(logp, logp.detach(), ref, adv, mask, 0.0, 0.2, 0.2)
-    assert torch.equal(ratio, torch.ones_like(ratio))
-    assert not ((ratio < 0.8) | (ratio > 1.2)).any()
+def test_ratio_is_one_and_nothing_clips_on_the_first_pass_only(monkeypatch):
+    """Two passes, both against π_sampling computed here: ratio exactly 1 first, then moved and clipping."""
+    m = toy_model()
+    with torch.no_grad():  # adapters already trained: the sampling policy is not the adapter-free one
+        for p in L.lora_parameters(m):
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    cfg = R.GRPOConfig(num_generations=8, max_new_tokens=8, beta=0.0, micro_batch=16, num_iterations=2)
+    batch = toy_rollout(m, cfg)
+    with torch.no_grad():
+        sampling = M.completion_logprobs(m, batch.ids, batch.attn, batch.mask.shape[1])[0]
+    seen, clip_frac = [], []  # each pass's (logp, old, ratio) (one micro-batch) and its clip fraction
+    per_token_loss, backward = R.per_token_loss, R.backward
+
+    def spy_loss(logp, old, *args):
+        out = per_token_loss(logp, old, *args)
+        seen.append((logp.detach(), old, out[1].detach()))
+        return out
+
+    def spy_backward(*args, **kwargs):
+        stats = backward(*args, **kwargs)
+        clip_frac.append(stats["clip_frac"])
+        return stats
+
+    monkeypatch.setattr(R, "per_token_loss", spy_loss)
+    monkeypatch.setattr(R, "backward", spy_backward)
+    learn(m, batch, cfg, adamw(m, 2e-2))
+    (_, old1, ratio1), (logp2, old2, ratio2) = seen
+    mask = batch.mask
+    assert torch.equal(old1[mask], sampling[mask]), "first pass: old log-probs are not the sampling policy's"
+    assert torch.equal(old2[mask], sampling[mask]), "second pass: old log-probs are not the sampling policy's"
+    assert torch.equal(ratio1[mask], torch.ones(int(mask.sum()))) and clip_frac[0] == 0.0
+    assert torch.allclose(ratio2[mask], torch.exp(logp2 - sampling)[mask], atol=1e-6)
+    adv = batch.advantages[:, None]
+    clipped = ((ratio2 > 1.2) & (adv > 0)) | ((ratio2 < 0.8) & (adv < 0))  # the active clipping, by hand
+    assert clip_frac[1] == pytest.approx(clipped[mask].float().mean().item(), rel=1e-6)
+    assert (ratio2[mask] - 1).abs().max() > 0.2 and clip_frac[1] > 0.1  # measured: ratios 0.05-3.6, 0.39
 
 
 def test_equal_rewards_give_zero_advantage_and_zero_policy_gradient():
