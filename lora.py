@@ -49,6 +49,25 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 SCALE_POLICIES = ("fixed", "constant", "rslora")
 
 
+class DownProjection(torch.autograd.Function):
+    """a = x·Aᵀ in A's precision (fp32) from an input of lower precision (bf16), keeping for backward
+    the input as it is, not its fp32 copy. Autograd on `F.linear(x.float(), A)` would keep one fp32
+    copy of the input per adapted module (q, k and v each their own: most of a step's activation
+    memory at the real shape); here q, k and v share the bf16 input the model holds anyway."""
+
+    @staticmethod
+    def forward(ctx, x, A):
+        ctx.save_for_backward(x, A)
+        return F.linear(x.to(A.dtype), A)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (..., r) in A's precision
+        x, A = ctx.saved_tensors
+        grad_x = (grad @ A).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_A = grad.flatten(0, -2).T @ x.flatten(0, -2).to(A.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_A
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus scale · B(A(dropout(x))); names as PEFT's (base_layer, lora_A, lora_B).
 
@@ -112,7 +131,10 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         if self.disabled or self.merged:
             return y
-        a = F.linear(self.dropout(x.to(self.lora_A.weight.dtype)), self.A)
+        if x.dtype != self.A.dtype and isinstance(self.dropout, nn.Identity):
+            a = DownProjection.apply(x, self.A)  # a bf16 input: no fp32 copy of it kept for backward
+        else:
+            a = F.linear(self.dropout(x.to(self.A.dtype)), self.A)
         return y + (F.linear(a, self.B) * self.scale).to(y.dtype)
 
     @torch.no_grad()

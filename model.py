@@ -316,22 +316,72 @@ def causal_bias(key_bias: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- log-probs
 
+LOGIT_CHUNK_BYTES = 16 * 2**20  # one chunk of fp32 logits (a few such are alive at once, never the whole batch)
+
+
 def completion_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_completion: int, entropy: bool = False,
                         temperature: float = 1.0):
     """fp32 log-probs [N, Tc] of the last Tc tokens of ids [N, T] under softmax(logits / temperature)
     (and that distribution's entropy there). GRPO passes its sampling temperature, so the policy it
-    trains is the one that sampled (as TRL does)."""
-    logits = model(ids, attn, num_logits=n_completion + 1)[:, :-1].float()  # (N, Tc, V) predicts the tail
-    if temperature != 1.0:
-        logits = logits / temperature
+    trains is the one that sampled (as TRL does).
+
+    The logits stay in the model's dtype; a chunk of positions is cast to fp32 only while it is used,
+    so no vocabulary-sized fp32 tensor of the whole batch is ever alive (TokenLogProbs)."""
+    logits = model(ids, attn, num_logits=n_completion + 1)  # (N, Tc + 1, V); position t predicts t + 1
     targets = ids[:, -n_completion:]
-    logp = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    logp = TokenLogProbs.apply(logits, targets, temperature)
     if not entropy:
         return logp, None
+    ent = torch.empty_like(logp)
     with torch.no_grad():
-        lp = logits.log_softmax(-1)
-        ent = -(lp.exp() * lp).sum(-1)
+        for rows in logit_chunks(logits.shape):
+            lp = fp32_scaled(logits[rows], temperature).log_softmax(-1)
+            ent[rows] = -(lp.exp() * lp).sum(-1)
     return logp, ent
+
+
+def logit_chunks(shape: torch.Size):
+    """Indices (n, positions) covering logits [N, Tc + 1, V] but the last position, which predicts
+    nothing, about LOGIT_CHUNK_BYTES of fp32 at a time."""
+    N, T, V = shape
+    step = max(1, LOGIT_CHUNK_BYTES // (4 * V))
+    for n in range(N):
+        for t in range(0, T - 1, step):
+            yield n, slice(t, min(t + step, T - 1))
+
+
+def fp32_scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    x = x.float()
+    return x / temperature if temperature != 1.0 else x
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """log softmax(logits / T) at the target tokens [N, Tc], chunk by chunk (logit_chunks).
+
+    It saves the logits as the model returned them and nothing vocabulary-sized besides; backward
+    recomputes one chunk's log-softmax at a time under autograd and backpropagates through it, with the
+    kernels cross_entropy uses on the whole batch, so values and gradients are bit for bit those of the
+    unchunked computation (tested)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature):
+        ctx.save_for_backward(logits, targets)
+        ctx.temperature = temperature
+        out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        for rows in logit_chunks(logits.shape):
+            out[rows] = -F.cross_entropy(fp32_scaled(logits[rows], temperature), targets[rows], reduction="none")
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets = ctx.saved_tensors
+        out = torch.zeros_like(logits)  # the last position predicts nothing: its gradient stays 0
+        for rows in logit_chunks(logits.shape):
+            with torch.enable_grad():
+                x = logits[rows].detach().requires_grad_()
+                logp = -F.cross_entropy(fp32_scaled(x, ctx.temperature), targets[rows], reduction="none")
+                out[rows] = torch.autograd.grad(logp, x, grad[rows])[0]
+        return out, None, None
 
 
 # -------------------------------------------------------------------------------------- loading

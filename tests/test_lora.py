@@ -277,3 +277,56 @@ def test_rank_and_scale_travel_with_the_state_dict():
     assert (moved.r, moved.scale) == (7, 8 / 7) and torch.equal(moved.A, mod.A)
     with pytest.raises(ValueError, match="outside"):
         moved.set_extra_state({"r": 9, "scale": 1.0})
+
+
+def saved_activation_bytes(fn, params):
+    """Bytes autograd keeps for backward while fn() builds its graph, each storage once, parameters not
+    counted (they exist anyway)."""
+    skip, storages = {p.untyped_storage().data_ptr() for p in params}, {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def test_a_bf16_input_is_not_copied_to_fp32_for_backward():
+    """On a bf16 base (the CUDA setting) LoRA computes in fp32 but keeps the bf16 input for backward,
+    not an fp32 copy of it per adapter (q, k and v: one input, three copies); outputs and gradients are
+    those of the plain computation, autograd through x.float()."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 64).bfloat16().requires_grad_()
+    mods = [L.LoRALinear(torch.nn.Linear(64, 64, bias=False).bfloat16().requires_grad_(False), 8, 2.0)
+            for _ in range(3)]
+    for m in mods:
+        torch.nn.init.normal_(m.lora_B.weight)
+    params = [p for m in mods for p in m.parameters()]
+    x_bytes, a_bytes = x.numel() * 2, 3 * 4 * 16 * 8 * 4  # the bf16 input; each adapter's r-wide product
+    out, saved = saved_activation_bytes(lambda: sum(m(x).float() for m in mods), params)
+    assert saved == x_bytes + a_bytes
+    xp = x.detach().requires_grad_()
+
+    def plain(m):
+        a = torch.nn.functional.linear(xp.float(), m.A)
+        return m.base_layer(xp) + (torch.nn.functional.linear(a, m.B) * m.scale).to(torch.bfloat16)
+
+    want, plain_saved = saved_activation_bytes(lambda: sum(plain(m).float() for m in mods), params)
+    assert plain_saved == 3 * 2 * x_bytes + a_bytes  # three fp32 copies of x, twice x's bf16 bytes each
+    assert torch.equal(out, want)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x] + [m.lora_A.weight for m in mods], g)
+    want_grads = torch.autograd.grad(want, [xp] + [m.lora_A.weight for m in mods], g)
+    for a, b in zip(got[1:], want_grads[1:]):  # A's gradients: fp32
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    # x's gradient is a bf16 sum of four terms, rounded in whichever order autograd adds them: it must be
+    # as close to the exact fp32 gradient as the plain computation's is
+    xf = x.detach().float().requires_grad_()
+    exact = sum(torch.nn.functional.linear(xf, m.base_layer.weight.float()) +
+                torch.nn.functional.linear(torch.nn.functional.linear(xf, m.A), m.B) * m.scale for m in mods)
+    exact_grad = torch.autograd.grad(exact, xf, g)[0]
+    err, plain_err = ((grad.float() - exact_grad).abs().max() for grad in (got[0], want_grads[0]))
+    assert err <= 2 * plain_err and plain_err < 0.01 * exact_grad.abs().max()

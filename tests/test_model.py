@@ -173,3 +173,77 @@ def test_hub_ids_download_only_what_loading_needs(monkeypatch, tmp_path):
     assert calls == [("Qwen/Qwen2.5-1.5B-Instruct", M.HUB_FILES)]
     assert "*.safetensors" in M.HUB_FILES and not any(p.endswith(".bin") for p in M.HUB_FILES)
     assert m.config.vocab_size == hf.config.vocab_size
+
+
+def plain_logprobs(logits, targets, temperature):
+    """The unchunked computation TokenLogProbs replaces: one fp32 copy of every logit, then cross_entropy."""
+    x = logits[:, :-1].float() / temperature
+    logp = -torch.nn.functional.cross_entropy(x.flatten(0, 1), targets.flatten(), reduction="none")
+    lp = x.detach().log_softmax(-1)
+    return logp.view_as(targets), -(lp.exp() * lp).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_logprobs_are_the_plain_ones_bit_for_bit(monkeypatch, dtype):
+    """Values, entropy and gradients equal the unchunked computation exactly, in fp32 and from bf16
+    logits, with chunks of 3 positions (so chunks split sequences) and at temperature 0.7."""
+    from trl.trainer.utils import selective_log_softmax
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 18, 500) * 3).to(dtype)
+    targets, g = torch.randint(0, 500, (3, 17)), torch.randn(3, 17)
+    monkeypatch.setattr(M, "LOGIT_CHUNK_BYTES", 3 * 4 * 500)
+
+    class Head(torch.nn.Module):  # a "model" whose logits are the fixed tensor above
+        def __init__(self):
+            super().__init__()
+            self.logits = torch.nn.Parameter(logits.clone())
+
+        def forward(self, ids, attn, num_logits):
+            return self.logits[:, -num_logits:]
+
+    ids = torch.cat([torch.zeros(3, 5, dtype=torch.long), targets], 1)
+    head, ref = Head(), logits.clone().requires_grad_()
+    logp, ent = M.completion_logprobs(head, ids, None, 17, entropy=True, temperature=0.7)
+    want_logp, want_ent = plain_logprobs(ref, targets, 0.7)
+    (logp * g).sum().backward()
+    (want_logp * g).sum().backward()
+    assert logp.dtype == torch.float32 and head.logits.grad.dtype == dtype
+    assert torch.equal(logp, want_logp) and torch.equal(ent, want_ent) and torch.equal(head.logits.grad, ref.grad)
+    # TRL's selective_log_softmax, an independent implementation of the same quantity
+    trl = selective_log_softmax(logits[:, :-1].float() / 0.7, targets)
+    assert torch.allclose(logp, trl, atol=0, rtol=1e-6)
+
+
+MEASURE = """
+import sys, torch, model as M
+def hwm():
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))
+logits = torch.randn(4, 257, 32000, requires_grad=True)  # 132 MB in fp32
+targets = torch.randint(0, 32000, (4, 256))
+before = hwm()
+open('/proc/self/clear_refs', 'w').write('5')
+if sys.argv[1] == 'plain':
+    x = logits[:, :-1].float()
+    logp = -torch.nn.functional.cross_entropy(x.flatten(0, 1), targets.flatten(), reduction='none')
+    with torch.no_grad():
+        lp = x.log_softmax(-1); ent = -(lp.exp() * lp).sum(-1)
+else:
+    logp, ent = M.completion_logprobs(lambda ids, attn, num_logits: logits, targets, None, 256, entropy=True)
+logp.sum().backward()
+print(hwm() * 1024)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc peak-memory reset")
+def test_chunked_logprobs_use_less_memory():
+    """Peak resident memory of log-probs + entropy + backward on 4 x 256 x 32,000 logits (132 MB each
+    in fp32): the plain computation holds several such tensors at once, the chunked one the logits, their
+    gradient and a few 16 MiB chunks."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    peak = {w: int(subprocess.run([sys.executable, "-c", MEASURE, w], cwd=ROOT, env=env, capture_output=True,
+                                  text=True, timeout=120, check=True).stdout) for w in ("plain", "chunked")}
+    tensor = 4 * 256 * 32000 * 4
+    assert peak["plain"] - peak["chunked"] > 2 * tensor, {k: v / 2**20 for k, v in peak.items()}
