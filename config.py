@@ -37,6 +37,7 @@ ORGANISM_MODEL = "organism"  # --preset organism's model: built once per machine
 RECORDED = ("model_path", "torch")
 RESUMABLE = ("steps", "stop_after", "checkpoint_every", "threads", "eval_batch", "compile", "device")
 ALGOS = ("grpo", "sft")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def opt(default, help):
@@ -116,6 +117,8 @@ class TrainConfig:
     checkpoint_every: int = opt(50, "steps between checkpoints")
     stop_after: int | None = opt(None, "stop (with a checkpoint) after this many steps of this invocation")
     device: str | None = opt(None, "cuda | cpu (default: cuda when present)")
+    dtype: str | None = opt(None, "bf16 | fp32: the frozen weights' precision (default: bf16 on CUDA, fp32 on the "
+                                  "CPU); adapters, their optimiser and log-probs are fp32 either way")
     threads: int | None = opt(None, "CPU threads (default: OMP_NUM_THREADS when set, else 1 with a preset, whose "
                                     "small operations only lose time to more threads on a busy machine, else "
                                     "PyTorch's default)")
@@ -234,6 +237,8 @@ def check(cfg: TrainConfig):
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
         raise SystemExit(f"error: --device cuda: PyTorch {torch.__version__} ({build}) sees no CUDA device; "
                          f"--device cpu runs on the CPU")
+    if cfg.dtype not in (None, *DTYPES):
+        raise SystemExit(f"error: --dtype {cfg.dtype!r} unknown; allowed: {', '.join(DTYPES)}")
     if cfg.seeds is not None:
         try:
             rundir.parse_seeds(cfg.seeds)

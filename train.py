@@ -109,7 +109,8 @@ class Run:
             except ValueError as e:  # a damaged cache: which folder to delete
                 raise SystemExit(f"error: {e}")
         try:
-            self.model = qwen.from_pretrained(self.model_path, device=self.device)
+            self.model = qwen.from_pretrained(self.model_path, device=self.device,
+                                              dtype=config.DTYPES[cfg.dtype] if cfg.dtype else None)
             self.tok = qwen.load_tokenizer(self.model_path)
         except (OSError, ValueError) as e:
             hint = "" if os.path.isdir(self.model_path) else (
@@ -456,7 +457,8 @@ def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None
             shutil.rmtree(created, ignore_errors=True)
         raise
     log(f"run {run_dir}: {cfg.algo}, strategy {cfg.strategy}, seed {cfg.seed}, {run.model.config.num_hidden_layers} "
-        f"layers, {lora.count_lora_params(run.model)['total'] if run.ranks else 0:,} LoRA parameters, {run.device}, "
+        f"layers, {lora.count_lora_params(run.model)['total'] if run.ranks else 0:,} LoRA parameters, {run.device} "
+        f"({str(run.model.lm_head.weight.dtype).removeprefix('torch.')} weights), "
         f"{threads}")
     for note in notes:
         log(note)

@@ -115,6 +115,13 @@ def test_a_killed_study_resumes_and_skips_finished_runs_then_reports(tmp_path):
     for arm in ("base", "uniform", "proportional", "random-rslora", "sft-uniform"):
         assert f"| {arm} |" in report
     assert set(summary["accuracy"]) == {"base", "uniform", "proportional", "random-rslora", "sft-uniform"}
+    acc = {arm: 100 * json.loads((out / arm / ("" if arm == "base" else "seed0") / "results.json").read_text())
+           ["accuracy"] for arm in summary["accuracy"]}  # the numbers, from the run folders themselves
+    for arm, row in summary["accuracy"].items():
+        assert row["accuracy"] == pytest.approx([acc[arm]]) and row["mean"] == pytest.approx(acc[arm])
+    prop = summary["accuracy"]["proportional"]["vs"]
+    assert prop["against"] == "uniform" and prop["per_seed"]["0"] == pytest.approx(acc["proportional"] - acc["uniform"])
+    assert summary["accuracy"]["sft-uniform"]["vs"]["per_seed"]["0"] == pytest.approx(acc["sft-uniform"] - acc["uniform"])
     assert "proportional/raw" in summary["amplification"] and "sft-uniform/over training" in summary["flatness"]
     import shutil  # the report needs the run folders alone: a copy without the logs gives the same report
     for arm in summary["accuracy"]:

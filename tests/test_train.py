@@ -131,6 +131,7 @@ def test_clear_errors(tmp_path):
         (["--preset", "tiny", "--config", "typo.json"], "typo.json: unknown setting(s) lrr; the settings are"),
         (["--preset", "tiny", "--seeds", "0,0"], "--seeds '0,0': seeds must be distinct and >= 0"),
         (["--preset", "tiny", "--device", "tpu"], "--device 'tpu' unknown; allowed: cpu, cuda"),
+        (["--preset", "tiny", "--dtype", "fp16"], "--dtype 'fp16' unknown; allowed: bf16, fp32"),
         (["--device", "cpu", "--data", "nodata"], "nodata: no such file"),
         (["--device", "cpu", "--data", "emptydata", "--data-unverified"], "train.jsonl: no problems"),
         (["--device", "cpu", "--data", "emptydata"], "is not the GSM8K train release's"),
@@ -617,3 +618,22 @@ def test_different_seeds_draw_different_sampling_noise(tmp_path, monkeypatch):
         with pytest.raises(Stop):
             train.train(r, None)
     assert texts[0] == texts[1] and texts[2] != texts[0]
+
+
+def test_a_bf16_run_on_the_cpu_trains_with_log_probs_close_to_fp32(tmp_path):
+    """--dtype bf16 on the CPU (the precision of a CUDA run): the run trains, its adapters stay fp32,
+    and the tiny model's bf16 log-probs are within 0.1 nats of fp32's (0.044 at most, 0.011 on average,
+    measured: bf16 keeps 8 bits of mantissa on logits of about 10)."""
+    from safetensors.torch import load_file
+    import model as M
+    p = run(["--preset", "tiny", "--dtype", "bf16", "--steps", "3", "--eval-n", "8", "--eval-every", "0",
+             "--out", "runs/bf16"], tmp_path)
+    assert "(bfloat16 weights)" in p.stdout and load(tmp_path / "runs/bf16/config.json")["dtype"] == "bf16"
+    adapter = load_file(tmp_path / "runs/bf16/adapter/adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 and t.isfinite().all() for t in adapter.values())
+    assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # B moved from 0: it trained
+    folder = str(tmp_path / "runs/bf16/tiny-model")
+    ids = torch.randint(0, 300, (4, 40), generator=torch.Generator().manual_seed(0))
+    lp = {d: M.completion_logprobs(M.from_pretrained(folder, device="cpu", dtype=d), ids, None, 30)[0].detach()
+          for d in (torch.float32, torch.bfloat16)}
+    assert (lp[torch.float32] - lp[torch.bfloat16]).abs().max() < 0.1
