@@ -158,6 +158,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
             ap.add_argument(flag(f.name), type=kind, default=None, help=text)
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
     ap.add_argument("--config", metavar="FILE", help="start from a run's saved config.json (flags override it)")
+    ap.add_argument("--plan", action="store_true", help="print the predicted memory of one step, phase by phase "
+                    "(plan.py), and exit: needs only the model's config.json; the device defaults to cuda")
+    ap.add_argument("--gpu-memory", type=float, metavar="GiB", help="with --plan: the largest --micro-batch and "
+                    "--max-new-tokens that fit this much memory")
     args = ap.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name) is not None}
@@ -171,7 +175,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
             raise SystemExit(f"error: --{name} with --preset {preset}: the {preset} preset builds its own model and "
                              f"synthetic problems; drop --preset {preset} to use --{name} {given[name]}")
     cfg = TrainConfig(**{**(PRESETS.get(preset) or {}), **base, **given})
-    check(cfg)
+    if args.gpu_memory is not None and not (args.plan and args.gpu_memory > 0):
+        raise SystemExit(f"error: --gpu-memory {args.gpu_memory}: a positive size in GiB, with --plan")
+    check(cfg, planning=args.plan)
     return cfg, args
 
 
@@ -204,8 +210,9 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check(cfg: TrainConfig):
-    """One-line errors for settings that cannot work, before anything is built or written."""
+def check(cfg: TrainConfig, planning: bool = False):
+    """One-line errors for settings that cannot work, before anything is built or written (`planning`:
+    nothing will run, so --device cuda needs no GPU here)."""
     at_least = {"steps": 1, "prompts_per_step": 1, "micro_batch": 1, "checkpoint_every": 1, "rank": 1,
                 "max_new_tokens": 1, "eval_every": 0, "eval_every_n": 1, "eval_max_new_tokens": 1, "eval_batch": 1,
                 "warmup_steps": 0, "dynamic_every": 1, "dynamic_window": 1, "dynamic_t_init": 0,
@@ -233,7 +240,7 @@ def check(cfg: TrainConfig):
         raise SystemExit(f"error: --lr-schedule {cfg.lr_schedule!r} unknown; allowed: constant, cosine")
     if cfg.device not in (None, "cpu", "cuda"):
         raise SystemExit(f"error: --device {cfg.device!r} unknown; allowed: cpu, cuda")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+    if cfg.device == "cuda" and not torch.cuda.is_available() and not planning:
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
         raise SystemExit(f"error: --device cuda: PyTorch {torch.__version__} ({build}) sees no CUDA device; "
                          f"--device cpu runs on the CPU")
@@ -386,6 +393,25 @@ def resolve_ranks(cfg: TrainConfig, num_layers: int) -> tuple[dict | None, dict]
         raise SystemExit(f"error: {e}")
     info["layer_ranks"] = ranks
     return allocate.rank_pattern(ranks), info
+
+
+def model_config(cfg: TrainConfig) -> qwen.ModelConfig:
+    """The model's shape without its weights: a preset's, a local folder's config.json, or the Hub's
+    config.json alone (--plan needs nothing more). The presets' vocabularies are their tokenizers' bound."""
+    if cfg.preset == "tiny":
+        return qwen.ModelConfig(vocab_size=tiny.TINY_VOCAB, **tiny.TINY_SHAPE)
+    if cfg.preset == "organism":
+        r = organism.Recipe()
+        return qwen.ModelConfig(vocab_size=r.vocab_size, hidden_size=r.hidden, intermediate_size=r.intermediate,
+                                num_hidden_layers=r.layers, num_attention_heads=r.heads, num_key_value_heads=r.kv_heads,
+                                tie_word_embeddings=r.tie_embeddings)
+    try:
+        if os.path.isdir(cfg.model):
+            return qwen.read_config(cfg.model)
+        from huggingface_hub import hf_hub_download
+        return qwen.read_config(os.path.dirname(hf_hub_download(cfg.model, "config.json")))
+    except Exception as e:  # a missing file, a refused architecture, no network
+        raise SystemExit(f"error: cannot read {cfg.model!r}'s config.json: {one_line(e)}")
 
 
 def known_layers(cfg: TrainConfig) -> int | None:

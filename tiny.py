@@ -19,6 +19,7 @@ import gsm8k
 import model as qwen
 import sft
 
+TINY_VOCAB = 400  # the BPE's size bound (it may learn fewer tokens)
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0)
 
@@ -44,7 +45,7 @@ def build_tiny_model(folder: str, seed: int = 0, warmup_steps: int = 40) -> str:
     problems = gsm8k.synthetic_problems(200, seed=1234)
     chat = qwen.Tokenizer.chat
     texts = [gsm8k.prompt_text(p.question, chat) + gsm8k.reference_completion(p) for p in problems]
-    tok = qwen.Tokenizer(train_tiny_tokenizer(texts, vocab_size=400))
+    tok = qwen.Tokenizer(train_tiny_tokenizer(texts, vocab_size=TINY_VOCAB))
     m = qwen.Qwen2(qwen.ModelConfig(vocab_size=tok.tok.get_vocab_size(), **TINY_SHAPE))
     m.init_weights(std=0.1, generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)

@@ -1,0 +1,205 @@
+"""What one training step will need in memory, predicted before anything is loaded: phase by phase,
+from the model's config.json and the run's settings (`python train.py --plan`; every run prints it).
+
+    phase                 alive
+    weights               the frozen model, in --dtype
+    adapters + AdamW      LoRA weights, their gradients and AdamW's two moments: 16 bytes a parameter
+    KV cache              kept between steps when the decode step is compiled (a CUDA graph reads it
+                          at fixed addresses, generate.py); freed after sampling otherwise
+    sampling              the merge's copy of every adapted weight (lora.merged restores it bit for
+                          bit), the KV cache of K x B rows and the prefill's cache of B rows
+    learn activations     what autograd keeps for backward over one micro-batch of prompt + completion
+                          tokens, counted by running our own forward on PyTorch's "meta" device (shapes,
+                          no memory, no weights); attention as the flash kernels keep it (q, k, v, the
+                          output and one fp32 number per query and head), which is what SDPA's CPU kernel
+                          and CUDA's flash and memory-efficient kernels save
+    logits                the micro-batch's logits in --dtype and their gradient, and a few 16 MiB fp32
+                          chunks of them (model.TokenLogProbs)
+
+The peak is the persistent part (weights, adapters + AdamW, a kept KV cache) plus the larger of the
+sampling and the learn phases. Assumed, since the settings do not say: every completion runs to
+--max-new-tokens (the padded batch is as long as its longest completion) and prompts are PROMPT_TOKENS
+long. Not counted: the allocator's fragmentation and CUDA's own context (a few hundred MiB, which is
+why the fitting search leaves MARGIN free), the data and the gradient profile (kilobytes a step).
+
+Left out: the memory of several processes (each torchrun process holds all of this for its share of
+the batch), and evaluation, which holds less than sampling (greedy, one sample a prompt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import lora
+import model as qwen
+
+GiB = 2 ** 30
+PROMPT_TOKENS = 256  # the longest GSM8K prompt (question in Qwen2.5's chat template, system prompt included) is 247 tokens
+MARGIN = 0.5 * GiB  # left free by the fitting search: CUDA context and fragmentation
+CHUNKS = 4  # fp32 logit chunks alive at once in TokenLogProbs' backward (the chunk, /T, log-softmax, grad)
+
+
+@dataclass
+class Settings:
+    """The run settings memory depends on (TrainConfig's, resolved)."""
+    dtype: torch.dtype
+    prompts_per_step: int
+    num_generations: int
+    max_new_tokens: int
+    micro_batch: int
+    grad_checkpointing: bool
+    keep_kv_cache: bool  # the compiled decode step keeps its cache between steps
+    prompt_tokens: int = PROMPT_TOKENS
+    samples: bool = True  # GRPO samples; SFT learns from reference solutions and has no sampling phase
+
+
+def predict(mcfg: qwen.ModelConfig, ranks: dict[str, int], s: Settings) -> dict[str, int]:
+    """Bytes alive in each phase of one step: weights, adapters + AdamW, KV cache (kept or not),
+    sampling, learn activations, logits; and the peak they add up to."""
+    b = torch.finfo(s.dtype).bits // 8
+    L, d, f, V = mcfg.num_hidden_layers, mcfg.hidden_size, mcfg.intermediate_size, mcfg.vocab_size
+    kv_width = mcfg.num_key_value_heads * mcfg.head_dim
+    shapes = module_shapes(mcfg)
+    lora_params = sum(r * sum(shapes[p.rsplit(".", 1)[-1]]) for p, r in ranks.items())
+    adapted = sum(shapes[p.rsplit(".", 1)[-1]][0] * shapes[p.rsplit(".", 1)[-1]][1] for p, r in ranks.items() if r)
+    n_rows, seq = s.prompts_per_step * s.num_generations, s.prompt_tokens + s.max_new_tokens
+    kv = 2 * L * kv_width * n_rows * seq * b if s.samples else 0
+    mb = min(s.micro_batch, n_rows)
+    learn = activation_bytes(mcfg, ranks, s.dtype, mb, seq, s.max_new_tokens, s.grad_checkpointing)
+    logits = 2 * mb * (s.max_new_tokens + 1) * V * b + CHUNKS * qwen.LOGIT_CHUNK_BYTES
+    # the prefill's activations, one layer alive at a time and no graph (generate runs under no_grad)
+    prefill = s.prompts_per_step * s.prompt_tokens * (3 * f + 4 * d) * b
+    phases = {"weights": weight_count(mcfg) * b, "adapters + AdamW": 16 * lora_params,
+              "KV cache": kv if s.keep_kv_cache else 0,
+              # the merge's copy, the K x B cache unless kept, the prefill's B-row cache and activations
+              "sampling": (adapted * b + (0 if s.keep_kv_cache else kv) + kv // s.num_generations + prefill
+                           if s.samples else 0),
+              "learn activations": learn, "logits": logits}
+    persistent = phases["weights"] + phases["adapters + AdamW"] + phases["KV cache"]
+    phases["peak"] = persistent + max(phases["sampling"], learn + logits)
+    return phases
+
+
+def weight_count(mcfg: qwen.ModelConfig) -> int:
+    shapes = module_shapes(mcfg)
+    per_layer = sum(i * o for i, o in shapes.values()) + 2 * mcfg.hidden_size  # + the two RMSNorms
+    per_layer += sum(shapes[m][1] for m in ("q_proj", "k_proj", "v_proj"))  # their biases
+    embed = mcfg.vocab_size * mcfg.hidden_size
+    return mcfg.num_hidden_layers * per_layer + embed * (1 if mcfg.tie_word_embeddings else 2) + mcfg.hidden_size
+
+
+def module_shapes(mcfg: qwen.ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of each adapted projection."""
+    d, f, q, kv = (mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_attention_heads * mcfg.head_dim,
+                   mcfg.num_key_value_heads * mcfg.head_dim)
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+
+
+def activation_bytes(mcfg: qwen.ModelConfig, ranks: dict[str, int], dtype: torch.dtype, micro_batch: int,
+                     seq: int, n_completion: int, grad_checkpointing: bool) -> int:
+    """What autograd keeps for backward over one micro-batch, logits aside: our forward traced on the
+    meta device with one and with two layers (the layers are alike, so the rest is arithmetic), at
+    rank 1 everywhere, plus each adapter's r-wide product (4 bytes a token per unit of rank)."""
+    # every saved tensor has the micro-batch as its first dimension: trace one sequence, multiply
+    one, two = (micro_batch * saved_bytes(mcfg, n, dtype, 1, seq, n_completion) for n in (1, 2))
+    per_layer, outside = two - one, 2 * one - two
+    L = mcfg.num_hidden_layers
+    lora_extra = 4 * micro_batch * seq * sum(max(r - 1, 0) for r in ranks.values())
+    if not grad_checkpointing:
+        return outside + L * per_layer + lora_extra
+    # checkpointing keeps each block's input and recomputes one block at a time in backward
+    block_input = micro_batch * seq * mcfg.hidden_size * torch.finfo(dtype).bits // 8
+    return outside + L * block_input + per_layer + lora_extra // L
+
+
+def saved_bytes(mcfg: qwen.ModelConfig, layers: int, dtype: torch.dtype, micro_batch: int, seq: int,
+                n_completion: int) -> int:
+    """Bytes of every tensor autograd saves in completion_logprobs' forward (each storage once,
+    parameters and the logits left out) for a rank-1 LoRA model of `layers` layers, on the meta device."""
+    key = (tuple(mcfg.__dict__.items()), layers, dtype, micro_batch, seq, n_completion)
+    if key not in _saved:
+        _saved[key] = _trace(qwen.ModelConfig(**{**mcfg.__dict__, "num_hidden_layers": layers}), dtype, micro_batch,
+                             seq, n_completion)
+    return _saved[key]
+
+
+_saved: dict = {}  # the fitting search asks for the same shapes again
+
+
+def _trace(cfg: qwen.ModelConfig, dtype: torch.dtype, micro_batch: int, seq: int, n_completion: int) -> int:
+    with torch.device("meta"):
+        m = qwen.Qwen2(cfg).to(dtype)
+    m.requires_grad_(False)
+    lora.apply_lora(m, r=1, alpha=1.0)
+    m.train()
+    skip, seen = {p.untyped_storage()._cdata for p in m.parameters()}, {}
+    vocab = cfg.vocab_size
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        if key not in skip and t.shape[-1:] != (vocab,):  # the logits: logits()'s own term
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.zeros(micro_batch, seq, dtype=torch.long, device="meta")
+    attn = torch.ones(micro_batch, seq, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), flash_attention():
+        qwen.completion_logprobs(m, ids, attn, n_completion)
+    return sum(seen.values())
+
+
+class FlashLike(torch.autograd.Function):
+    """Attention's output with what a flash kernel saves for backward (q, k, v, output, fp32 log-sum-exp
+    per query and head, the mask): the meta device has no flash kernel, its SDPA saves the whole matrix."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse, *([] if mask is None else [mask]))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("plan.FlashLike only counts memory")
+
+
+@contextlib.contextmanager
+def flash_attention():
+    sdpa = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda q, k, v, attn_mask=None, **kw: FlashLike.apply(q, k, v, attn_mask)
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+def fitting(mcfg: qwen.ModelConfig, ranks: dict[str, int], s: Settings, gpu_bytes: float) -> tuple[int, int]:
+    """The largest --micro-batch (at these --max-new-tokens) and the largest --max-new-tokens (a multiple
+    of 64, at this --micro-batch) whose predicted peak fits gpu_bytes less MARGIN; 0 when none does.
+    Memory grows with both, so each is found by bisection."""
+    def fits(**kw):
+        return predict(mcfg, ranks, Settings(**{**s.__dict__, **kw}))["peak"] <= gpu_bytes - MARGIN
+
+    def largest(lo: int, hi: int, ok) -> int:  # the largest x in [lo, hi] with ok(x), or lo - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if ok(mid) else (lo, mid - 1)
+        return hi
+
+    mb = largest(1, s.prompts_per_step * s.num_generations, lambda m: fits(micro_batch=m))
+    return max(mb, 0), 64 * max(largest(1, 128, lambda n: fits(max_new_tokens=64 * n)), 0)
+
+
+def report(phases: dict[str, int], s: Settings) -> list[str]:
+    """The plan's lines: the phase table, then `predicted peak: X GiB`."""
+    lines = [f"memory plan (one step; prompts assumed {s.prompt_tokens} tokens, completions {s.max_new_tokens}, "
+             f"micro-batch {s.micro_batch}{', gradient checkpointing' if s.grad_checkpointing else ''}):"]
+    lines += [f"  {name:<18} {phases[name] / GiB:7.2f} GiB" for name in phases if name != "peak"]
+    lines.append(f"predicted peak: {phases['peak'] / GiB:.1f} GiB")
+    return lines

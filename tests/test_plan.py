@@ -1,0 +1,137 @@
+"""plan.py: the activation bytes it traces are those autograd keeps, its peak is within 15% of a
+measurement at the real width, and the study's defaults fit the budget the issue set."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lora as L
+import model as M
+import plan
+from conftest import ROOT
+
+QWEN_1_5B = M.ModelConfig()  # the defaults are Qwen2.5-1.5B's shape
+
+
+def study_ranks(mcfg, r=32):
+    with torch.device("meta"):
+        m = M.Qwen2(mcfg)
+    return L.apply_lora(m, r=r, alpha=2.0 * r)
+
+
+def test_the_traced_bytes_are_what_autograd_keeps():
+    """On a small real model on the CPU, with ranks that differ by module, what autograd saves in a
+    forward (counted by storage, parameters and logits aside) is the plan's learn activations, exactly."""
+    mcfg = M.ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)
+    m = M.Qwen2(mcfg)
+    m.init_weights(generator=torch.Generator().manual_seed(0))
+    ranks = L.apply_lora(m, r=4, alpha=8.0, rank_pattern={"model.layers.1.mlp.*": 7, "model.layers.2.*.q_proj": 2})
+    m.train()
+    skip, seen = {p.untyped_storage().data_ptr() for p in m.parameters()}, {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip and t.shape[-1:] != (300,):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, 300, (3, 40), generator=torch.Generator().manual_seed(1))
+    attn = torch.ones_like(ids)
+    attn[0, :5] = 0  # left padding, as GRPO's batches have
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        M.completion_logprobs(m, ids, attn, 25)
+    assert sum(seen.values()) == plan.activation_bytes(mcfg, ranks, torch.float32, 3, 40, 25, False)
+
+
+def test_the_study_defaults_fit_the_budget():
+    """Qwen2.5-1.5B, 4 prompts x 4 completions of 512 tokens, micro-batch 4, r = 32 on all 196
+    modules, bf16, the compiled decode step keeping its cache: at most 16 GiB; with gradient
+    checkpointing at most 10 GiB."""
+    ranks = study_ranks(QWEN_1_5B)
+    s = plan.Settings(torch.bfloat16, prompts_per_step=4, num_generations=4, max_new_tokens=512, micro_batch=4,
+                      grad_checkpointing=False, keep_kv_cache=True)
+    peak = plan.predict(QWEN_1_5B, ranks, s)
+    assert 16 * 36_929_536 == peak["adapters + AdamW"] and peak["weights"] == 2 * 1_543_714_304
+    assert peak["peak"] <= 16 * plan.GiB
+    ckpt = plan.predict(QWEN_1_5B, ranks, plan.Settings(**{**s.__dict__, "grad_checkpointing": True}))
+    assert ckpt["peak"] <= 10 * plan.GiB and ckpt["learn activations"] < peak["learn activations"] / 5
+    mb, tokens = plan.fitting(QWEN_1_5B, ranks, s, 24 * plan.GiB)
+    assert mb >= 4 and tokens >= 512  # the defaults fit a 24 GB card, with room
+
+
+MEASURE = r"""
+import gc, sys, torch
+import grpo, lora, model as M, plan
+def kb(field):
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field))
+torch.manual_seed(0)
+mcfg = M.ModelConfig(num_hidden_layers=2)  # Qwen2.5-1.5B's width, 2 layers
+K, Tp, Tc, mb = 4, 64, 192, 4
+base = kb('VmRSS') * 1024
+m = M.Qwen2(mcfg)
+m.init_weights(std=0.02)
+m.requires_grad_(False)
+ranks = lora.apply_lora(m, r=32, alpha=64.0)
+opt = torch.optim.AdamW(lora.lora_parameters(m), lr=1e-4)
+ids = torch.randint(0, mcfg.vocab_size, (K, Tp + Tc))
+mask = torch.ones(K, Tc, dtype=torch.bool)
+batch = grpo.Rollout(ids=ids, attn=torch.ones_like(ids), mask=mask, sampler_logp=torch.zeros(K, Tc),
+                     rewards=torch.zeros(K, 1), total=torch.zeros(K), advantages=torch.randn(K), texts=[],
+                     truncated=torch.zeros(K, dtype=torch.bool), lengths=torch.full((K,), Tc))
+gcfg = grpo.GRPOConfig(num_generations=K, max_new_tokens=Tc, micro_batch=mb, beta=0.0)
+m.gradient_checkpointing = sys.argv[1] == 'ckpt'
+def step():
+    opt.zero_grad(set_to_none=True)
+    grpo.backward(m, batch, gcfg, first=True)
+    opt.step()
+step()  # AdamW's moments exist from here on, as in every step but a run's first
+gc.collect()
+open('/proc/self/clear_refs', 'w').write('5')
+step()
+s = plan.Settings(torch.float32, 1, K, Tc, mb, m.gradient_checkpointing, False, prompt_tokens=Tp)
+p = plan.predict(mcfg, ranks, s)
+print(kb('VmHWM') * 1024 - base, p['weights'] + p['adapters + AdamW'] + p['learn activations'] + p['logits'])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc peak-memory reset")
+@pytest.mark.parametrize("mode", ["plain", "ckpt"])
+def test_the_predicted_peak_is_within_15_percent_of_a_measurement(mode):
+    """One learn step at Qwen2.5-1.5B's width (2 layers, fp32 on the CPU, 4 sequences of 64 + 192
+    tokens, r = 32): the peak resident memory it adds (weights included) against the plan's learn phase."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", MEASURE, mode], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured, predicted = map(int, out.stdout.split())
+    assert abs(predicted - measured) <= 0.15 * measured, (measured / 2**30, predicted / 2**30)
+
+
+def test_train_plan_needs_only_config_json_and_writes_nothing(tmp_path):
+    """`train.py --plan` on a folder holding nothing but Qwen2.5-1.5B's config.json prints the phase table
+    and the peak (for CUDA: bf16, the kept KV cache), with --gpu-memory the settings that fit, and leaves
+    no file behind; --gpu-memory without --plan is refused."""
+    import json
+    from conftest import hf_config_dict
+    folder = tmp_path / "qwen"
+    folder.mkdir()
+    shape = {k: v for k, v in M.ModelConfig().__dict__.items() if k != "max_position_embeddings"}
+    (folder / "config.json").write_text(json.dumps(hf_config_dict(**shape)))
+    train = [sys.executable, os.path.join(ROOT, "train.py")]
+    p = subprocess.run([*train, "--plan", "--model", str(folder), "--gpu-memory", "24"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    want = plan.predict(QWEN_1_5B, study_ranks(QWEN_1_5B), plan.Settings(torch.bfloat16, 4, 4, 512, 4, False, True))
+    assert f"predicted peak: {want['peak'] / plan.GiB:.1f} GiB" in lines
+    for phase in ("weights", "adapters + AdamW", "KV cache", "sampling", "learn activations", "logits"):
+        assert any(line.split()[:len(phase.split())] == phase.split() for line in lines), phase
+    assert "fits 24 GiB (with 0.5 GiB to spare): --micro-batch up to" in p.stdout
+    assert sorted(os.listdir(tmp_path)) == ["qwen"] and os.listdir(folder) == ["config.json"]
+    p = subprocess.run([*train, "--preset", "tiny", "--gpu-memory", "24"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode != 0 and "--gpu-memory 24.0: a positive size in GiB, with --plan" in p.stderr
