@@ -203,3 +203,78 @@ def report(phases: dict[str, int], s: Settings) -> list[str]:
     lines += [f"  {name:<18} {phases[name] / GiB:7.2f} GiB" for name in phases if name != "peak"]
     lines.append(f"predicted peak: {phases['peak'] / GiB:.1f} GiB")
     return lines
+
+
+# ------------------------------------------------------------------ the plan against a measurement
+
+def measure(layers: int, device: str, dtype: torch.dtype, s: Settings, rank: int = 32) -> tuple[int, int]:
+    """(measured, predicted) peak bytes of one learn step (GRPO's backward and AdamW's step) of a
+    random-weight model of Qwen2.5-1.5B's width with `layers` layers, r = `rank` on every projection;
+    weights, adapters + AdamW, activations and logits all counted. On the CPU the peak is the process's
+    resident high-water mark, reset by /proc/self/clear_refs (run with MALLOC_MMAP_THRESHOLD_=65536 so
+    that freed tensors leave the resident set); on CUDA, torch.cuda.max_memory_allocated."""
+    import gc
+
+    import grpo
+    dev = torch.device(device)
+    cpu = dev.type == "cpu"
+    resident = lambda field: next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith(field))
+    base = resident("VmRSS") if cpu else torch.cuda.memory_allocated(dev)
+    mcfg = qwen.ModelConfig(num_hidden_layers=layers)
+    m = qwen.Qwen2(mcfg).to(device=dev, dtype=dtype)
+    m.init_weights(std=0.02)
+    m.requires_grad_(False)
+    ranks = lora.apply_lora(m, r=rank, alpha=2.0 * rank)
+    opt = torch.optim.AdamW(lora.lora_parameters(m), lr=1e-4)
+    n, Tc = s.prompts_per_step * s.num_generations, s.max_new_tokens
+    ids = torch.randint(0, mcfg.vocab_size, (n, s.prompt_tokens + Tc), device=dev)
+    batch = grpo.Rollout(ids=ids, attn=torch.ones_like(ids), mask=torch.ones(n, Tc, dtype=torch.bool, device=dev),
+                         sampler_logp=torch.zeros(n, Tc, device=dev), rewards=torch.zeros(n, 1, device=dev),
+                         total=torch.zeros(n, device=dev), advantages=torch.randn(n, device=dev), texts=[],
+                         truncated=torch.zeros(n, dtype=torch.bool, device=dev),
+                         lengths=torch.full((n,), Tc, device=dev))
+    gcfg = grpo.GRPOConfig(num_generations=s.num_generations, max_new_tokens=Tc, micro_batch=s.micro_batch, beta=0.0)
+    m.gradient_checkpointing = s.grad_checkpointing
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        grpo.backward(m, batch, gcfg, first=True)
+        opt.step()
+
+    step()  # AdamW's moments exist from here on, as in every step but a run's first
+    gc.collect()
+    if cpu:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the high-water mark starts again from what is resident now
+    else:
+        torch.cuda.reset_peak_memory_stats(dev)
+    step()
+    peak = resident("VmHWM") if cpu else torch.cuda.max_memory_allocated(dev)
+    p = predict(mcfg, ranks, Settings(**{**s.__dict__, "dtype": dtype}))
+    return peak - base, p["weights"] + p["adapters + AdamW"] + p["learn activations"] + p["logits"]
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description="One learn step of a random-weight model of Qwen2.5-1.5B's width: "
+                                             "its peak memory measured, beside the plan's prediction")
+    ap.add_argument("--layers", type=int, default=28, help="[default: 28, the real depth]")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], help="[default: bf16 on CUDA, fp32 on the CPU]")
+    ap.add_argument("--prompts-per-step", type=int, default=4)
+    ap.add_argument("--num-generations", type=int, default=4)
+    ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--grad-checkpointing", action="store_true")
+    args = ap.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) or qwen.default_dtype(torch.device(args.device))
+    s = Settings(dtype, args.prompts_per_step, args.num_generations, args.max_new_tokens, args.micro_batch,
+                 args.grad_checkpointing, keep_kv_cache=False, prompt_tokens=args.prompt_tokens)
+    measured, predicted = measure(args.layers, args.device, dtype, s)
+    print(f"learn step peak: measured {measured / GiB:.2f} GiB, predicted {predicted / GiB:.2f} GiB "
+          f"({(predicted - measured) / measured:+.1%})")
+
+
+if __name__ == "__main__":
+    main()

@@ -249,7 +249,7 @@ def test_ctrl_c_writes_a_checkpoint(tmp_path):
 
 
 def test_every_command_line_prints_its_help():
-    for script in ("train.py", "allocate.py", "profiler.py", "report.py", "bench.py"):
+    for script in ("train.py", "allocate.py", "profiler.py", "report.py", "bench.py", "plan.py", "study.py"):
         p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 0 and "usage:" in p.stdout, (script, p.stderr[-1000:])
@@ -506,7 +506,7 @@ def test_the_imports_go_one_way_as_the_readme_says():
         "tiny": ["gsm8k", "model", "sft"],
         "organism": ["gsm8k", "model", "rundir", "sft", "tiny"], "study": ["config", "organism", "rundir", "study_report"],
         "study_report": ["profiler", "report", "rundir", "stats"], "stats": [],
-        "report": ["profiler", "rundir", "stats"], "plan": ["lora", "model"], "bench": ["generate", "grpo", "lora", "model", "profiler", "rundir"],
+        "report": ["profiler", "rundir", "stats"], "plan": ["grpo", "lora", "model"], "bench": ["generate", "grpo", "lora", "model", "profiler", "rundir"],
     }
     files = sorted(glob.glob(os.path.join(ROOT, "*.py")))
     names = {os.path.basename(f)[:-3] for f in files}
