@@ -105,3 +105,16 @@ def test_train_plan_needs_only_config_json_and_writes_nothing(tmp_path):
     p = subprocess.run([*train, "--preset", "tiny", "--gpu-memory", "24"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode != 0 and "--gpu-memory 24.0: a positive size in GiB, with --plan" in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc peak-memory reset")
+def test_the_gpu_check_runs_on_the_cpu(tmp_path):
+    """gpu_check.sh, the checks a lent GPU runs (memory against the plan, compiled against eager
+    decoding, the sampler-learner gap), passes on the CPU at 1 layer: the script itself is tested here."""
+    env = dict(os.environ, DEVICE="cpu", LAYERS="1", TMPDIR=str(tmp_path),
+               PLAN_FLAGS="--prompts-per-step 1 --prompt-tokens 32 --max-new-tokens 64")
+    p = subprocess.run(["bash", os.path.join(ROOT, "gpu_check.sh")], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0 and "gpu_check: all passed on cpu" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    assert p.stdout.count("learn step peak: measured") == 2 and "the same completions and rewards" in p.stdout
