@@ -72,6 +72,7 @@ def test_stops_early_answers_the_previous_line():
     assert early.solution.rsplit("####", 1)[0] == ex.solution.rsplit("####", 1)[0]
 
 
+@pytest.mark.slow
 def test_grpo_raises_the_reward_of_a_small_organism(tmp_path):
     """A 2-layer organism on small numbers (two operations on 2..5), with the planted early-answer habit,
     then 40 GRPO steps through train.py's real entry point: the mean reward of the last 10 steps beats

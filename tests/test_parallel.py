@@ -30,6 +30,7 @@ def torchrun(args, cwd):
     return p.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     from safetensors.torch import load_file
     single([*ARGS, "--out", "runs/one"], tmp_path)

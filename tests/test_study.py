@@ -73,6 +73,7 @@ def test_a_typo_is_refused_before_torch_is_imported():
     assert p.stdout.strip() == "error: --seeds '0,0': seeds must be distinct and >= 0 (each is a seed<N> folder) False"
 
 
+@pytest.mark.slow
 def test_a_killed_study_resumes_and_skips_finished_runs_then_reports(tmp_path):
     out = tmp_path / "study"
     # 8 steps: the tiny preset's checkpoint at step 4 lets the kill land in a run with a checkpoint

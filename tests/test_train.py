@@ -37,6 +37,7 @@ def load(path):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_every_strategy_produces_a_complete_run_folder(study):
     for s in ("uniform", "proportional", "reduced", "random"):
         d = study / "runs" / s
@@ -56,6 +57,7 @@ def test_every_strategy_produces_a_complete_run_folder(study):
     assert base["lora_params"] == 0 and not (study / "runs/base/adapter").exists()
 
 
+@pytest.mark.slow
 def test_table_matches_results(study):
     dirs = [str(study / "runs" / s) for s in ("uniform", "proportional", "reduced", "random", "base")]
     p = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), *dirs], cwd=study, capture_output=True,
@@ -70,6 +72,7 @@ def test_table_matches_results(study):
     assert "max/min" in out and any(line.split()[:3] == ["proportional", "grpo", "fixed"] for line in out.splitlines())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["uniform", "dynamic", "uniform-dropout"])
 def test_resume_equals_uninterrupted(tmp_path, strategy):
     """Dropout draws from torch's global RNG after the resume point, so its variant fails unless the
@@ -98,6 +101,7 @@ def test_resume_equals_uninterrupted(tmp_path, strategy):
         assert ra["final_layer_ranks"] == rb["final_layer_ranks"] and sum(ra["final_layer_ranks"]) == 32
 
 
+@pytest.mark.slow
 def test_clear_errors(tmp_path):
     cases = [
         (["--preset", "tiny", "--strategy", "adaptive"], "unknown; allowed: base, uniform"),
@@ -174,6 +178,7 @@ def test_rank_pattern_file_is_used(tmp_path):
     assert (res["rank_min"], res["rank_max"]) == (4, 7) and res["strategy"] == "pattern:p.json"
 
 
+@pytest.mark.slow
 def test_sft_regime_and_seeds_land_in_the_same_report(tmp_path):
     run(["--preset", "tiny", "--algo", "sft", "--steps", "4", "--out", "runs/sft"], tmp_path)
     run(["--preset", "tiny", "--steps", "3", "--seeds", "0,1", "--out", "runs/grpo"], tmp_path)
@@ -258,6 +263,7 @@ def test_every_command_line_prints_its_help():
         assert flag in p.stdout
 
 
+@pytest.mark.slow
 def test_compiled_decoding_trains_identically(tmp_path):
     """--compile on (the default on CUDA) samples and evaluates exactly as eager decoding does. The sampler's
     log-probs differ at rounding level between the two (fused kernels), and with them the importance
@@ -307,6 +313,7 @@ def metrics_of(folder):
     return [json.loads(line) for line in open(folder / "metrics.jsonl")]
 
 
+@pytest.mark.slow
 def test_resume_reconciles_every_file_with_the_checkpoint(tmp_path):
     common = ["--preset", "tiny", "--steps", "6", "--eval-every", "0", "--checkpoint-every", "2"]
     run([*common, "--out", "runs/whole"], tmp_path)
@@ -347,6 +354,7 @@ def test_resume_reconciles_every_file_with_the_checkpoint(tmp_path):
     assert p.returncode != 0 and "profile.safetensors cannot be read" in last and "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_resume_applies_the_flags_that_may_change_and_refuses_the_others(tmp_path):
     common = ["--preset", "tiny", "--steps", "3", "--eval-every", "0", "--eval-n", "8"]
     run([*common, "--out", "runs/r"], tmp_path)
@@ -373,6 +381,7 @@ def test_resume_applies_the_flags_that_may_change_and_refuses_the_others(tmp_pat
     assert [x["step"] for x in metrics_of(tmp_path / "runs/r")] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_the_profile_source_is_checked_named_and_saved(tmp_path):
     common = ["--preset", "tiny", "--steps", "2", "--eval-every", "0", "--eval-n", "8"]
     run([*common, "--algo", "sft", "--out", "runs/sft"], tmp_path)
