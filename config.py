@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -238,11 +239,12 @@ def check(cfg: TrainConfig, planning: bool = False):
         raise SystemExit(f"error: --scale-policy {cfg.scale_policy!r} unknown; allowed: {lora.SCALE_POLICIES}")
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise SystemExit(f"error: --lr-schedule {cfg.lr_schedule!r} unknown; allowed: constant, cosine")
-    if cfg.device not in (None, "cpu", "cuda"):
-        raise SystemExit(f"error: --device {cfg.device!r} unknown; allowed: cpu, cuda")
-    if cfg.device == "cuda" and not torch.cuda.is_available() and not planning:
+    # cuda:N too: a run records the device it ran on (torchrun's processes take theirs from LOCAL_RANK)
+    if cfg.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
+        raise SystemExit(f"error: --device {cfg.device!r} unknown; allowed: cpu, cuda (or cuda:N)")
+    if (cfg.device or "").startswith("cuda") and not torch.cuda.is_available() and not planning:
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise SystemExit(f"error: --device cuda: PyTorch {torch.__version__} ({build}) sees no CUDA device; "
+        raise SystemExit(f"error: --device {cfg.device}: PyTorch {torch.__version__} ({build}) sees no CUDA device; "
                          f"--device cpu runs on the CPU")
     if cfg.dtype not in (None, *DTYPES):
         raise SystemExit(f"error: --dtype {cfg.dtype!r} unknown; allowed: {', '.join(DTYPES)}")

@@ -15,15 +15,24 @@ from the model's config.json and the run's settings (`python train.py --plan`; e
                           and CUDA's flash and memory-efficient kernels save
     logits                the micro-batch's logits in --dtype and their gradient, and a few 16 MiB fp32
                           chunks of them (model.TokenLogProbs)
+    evaluation            greedy decoding of --eval-batch problems: the merge's copy, their KV cache and
+                          the prefill's (kept, when compiled and --eval-every is set, like sampling's)
 
-The peak is the persistent part (weights, adapters + AdamW, a kept KV cache) plus the larger of the
-sampling and the learn phases. Assumed, since the settings do not say: every completion runs to
---max-new-tokens (the padded batch is as long as its longest completion) and prompts are PROMPT_TOKENS
-long. Not counted: the allocator's fragmentation and CUDA's own context (a few hundred MiB, which is
-why the fitting search leaves MARGIN free), the data and the gradient profile (kilobytes a step).
+The peak is the persistent part (weights, adapters + AdamW, kept KV caches) plus the largest of the
+sampling, learn and evaluation phases. Assumed, since the settings do not say: every completion runs to
+--max-new-tokens (the padded batch is as long as its longest completion; SFT's reference solutions are
+taken as that long too) and prompts are PROMPT_TOKENS long; a compiled decoder's cache is rounded up to
+a multiple of 256 tokens, as generate.py does (prompts of other lengths may add a bucket each). Not
+counted: the allocator's fragmentation and CUDA's own context (a few hundred MiB, which is why the
+fitting search leaves MARGIN free), the data and the gradient profile (kilobytes a step).
+
+Attention is counted as SDPA's CPU kernel keeps it, which the tests check against a measurement. On
+CUDA, a masked grouped-query attention may run another kernel (cuDNN, or the math kernel, which keeps
+the whole attention matrix): `bash gpu_check.sh` measures the difference; until a GPU has run it, the
+CUDA figures are the CPU kernel's.
 
 Left out: the memory of several processes (each torchrun process holds all of this for its share of
-the batch), and evaluation, which holds less than sampling (greedy, one sample a prompt).
+the batch).
 """
 
 from __future__ import annotations
@@ -55,6 +64,10 @@ class Settings:
     keep_kv_cache: bool  # the compiled decode step keeps its cache between steps
     prompt_tokens: int = PROMPT_TOKENS
     samples: bool = True  # GRPO samples; SFT learns from reference solutions and has no sampling phase
+    dropout: float = 0.0  # LoRA dropout keeps an fp32 copy of each adapter's input (lora.LoRALinear)
+    eval_batch: int = 0  # 0: no evaluation phase counted
+    eval_max_new_tokens: int = 512
+    eval_every: int = 0  # with a kept cache, periodic evaluations keep theirs through training
 
 
 def predict(mcfg: qwen.ModelConfig, ranks: dict[str, int], s: Settings) -> dict[str, int]:
@@ -67,20 +80,26 @@ def predict(mcfg: qwen.ModelConfig, ranks: dict[str, int], s: Settings) -> dict[
     lora_params = sum(r * sum(shapes[p.rsplit(".", 1)[-1]]) for p, r in ranks.items())
     adapted = sum(shapes[p.rsplit(".", 1)[-1]][0] * shapes[p.rsplit(".", 1)[-1]][1] for p, r in ranks.items() if r)
     n_rows, seq = s.prompts_per_step * s.num_generations, s.prompt_tokens + s.max_new_tokens
-    kv = 2 * L * kv_width * n_rows * seq * b if s.samples else 0
+    kv_bytes = lambda rows, length: 2 * L * kv_width * rows * (-(-length // 256) * 256 if s.keep_kv_cache else length) * b
+    kv = kv_bytes(n_rows, seq) if s.samples else 0
+    eval_kv = kv_bytes(s.eval_batch, s.prompt_tokens + s.eval_max_new_tokens)
     mb = min(s.micro_batch, n_rows)
-    learn = activation_bytes(mcfg, ranks, s.dtype, mb, seq, s.max_new_tokens, s.grad_checkpointing)
+    learn = activation_bytes(mcfg, ranks, s.dtype, mb, seq, s.max_new_tokens, s.grad_checkpointing, s.dropout)
     logits = 2 * mb * (s.max_new_tokens + 1) * V * b + CHUNKS * qwen.LOGIT_CHUNK_BYTES
     # the prefill's activations, one layer alive at a time and no graph (generate runs under no_grad)
-    prefill = s.prompts_per_step * s.prompt_tokens * (3 * f + 4 * d) * b
-    phases = {"weights": weight_count(mcfg) * b, "adapters + AdamW": 16 * lora_params,
-              "KV cache": kv if s.keep_kv_cache else 0,
+    prefill = lambda rows: rows * s.prompt_tokens * (3 * f + 4 * d) * b
+    kept = (kv if s.keep_kv_cache else 0) + (eval_kv if s.keep_kv_cache and s.eval_every else 0)
+    phases = {"weights": weight_count(mcfg) * b, "adapters + AdamW": 16 * lora_params, "KV cache": kept,
               # the merge's copy, the K x B cache unless kept, the prefill's B-row cache and activations
-              "sampling": (adapted * b + (0 if s.keep_kv_cache else kv) + kv // s.num_generations + prefill
-                           if s.samples else 0),
-              "learn activations": learn, "logits": logits}
+              "sampling": (adapted * b + (0 if s.keep_kv_cache else kv) + kv // s.num_generations +
+                           prefill(s.prompts_per_step) if s.samples else 0),
+              "learn activations": learn, "logits": logits,
+              # the merge's copy, the cache unless kept during training, the prefill's cache (one row a
+              # problem: as large) and activations
+              "evaluation": (adapted * b + (0 if s.keep_kv_cache and s.eval_every else eval_kv) + eval_kv +
+                             prefill(s.eval_batch) if s.eval_batch else 0)}
     persistent = phases["weights"] + phases["adapters + AdamW"] + phases["KV cache"]
-    phases["peak"] = persistent + max(phases["sampling"], learn + logits)
+    phases["peak"] = persistent + max(phases["sampling"], learn + logits, phases["evaluation"])
     return phases
 
 
@@ -101,12 +120,12 @@ def module_shapes(mcfg: qwen.ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def activation_bytes(mcfg: qwen.ModelConfig, ranks: dict[str, int], dtype: torch.dtype, micro_batch: int,
-                     seq: int, n_completion: int, grad_checkpointing: bool) -> int:
+                     seq: int, n_completion: int, grad_checkpointing: bool, dropout: float = 0.0) -> int:
     """What autograd keeps for backward over one micro-batch, logits aside: our forward traced on the
     meta device with one and with two layers (the layers are alike, so the rest is arithmetic), at
     rank 1 everywhere, plus each adapter's r-wide product (4 bytes a token per unit of rank)."""
     # every saved tensor has the micro-batch as its first dimension: trace one sequence, multiply
-    one, two = (micro_batch * saved_bytes(mcfg, n, dtype, 1, seq, n_completion) for n in (1, 2))
+    one, two = (micro_batch * saved_bytes(mcfg, n, dtype, 1, seq, n_completion, dropout) for n in (1, 2))
     per_layer, outside = two - one, 2 * one - two
     L = mcfg.num_hidden_layers
     lora_extra = 4 * micro_batch * seq * sum(max(r - 1, 0) for r in ranks.values())
@@ -118,24 +137,25 @@ def activation_bytes(mcfg: qwen.ModelConfig, ranks: dict[str, int], dtype: torch
 
 
 def saved_bytes(mcfg: qwen.ModelConfig, layers: int, dtype: torch.dtype, micro_batch: int, seq: int,
-                n_completion: int) -> int:
+                n_completion: int, dropout: float = 0.0) -> int:
     """Bytes of every tensor autograd saves in completion_logprobs' forward (each storage once,
     parameters and the logits left out) for a rank-1 LoRA model of `layers` layers, on the meta device."""
-    key = (tuple(mcfg.__dict__.items()), layers, dtype, micro_batch, seq, n_completion)
+    key = (tuple(mcfg.__dict__.items()), layers, dtype, micro_batch, seq, n_completion, dropout)
     if key not in _saved:
         _saved[key] = _trace(qwen.ModelConfig(**{**mcfg.__dict__, "num_hidden_layers": layers}), dtype, micro_batch,
-                             seq, n_completion)
+                             seq, n_completion, dropout)
     return _saved[key]
 
 
 _saved: dict = {}  # the fitting search asks for the same shapes again
 
 
-def _trace(cfg: qwen.ModelConfig, dtype: torch.dtype, micro_batch: int, seq: int, n_completion: int) -> int:
+def _trace(cfg: qwen.ModelConfig, dtype: torch.dtype, micro_batch: int, seq: int, n_completion: int,
+           dropout: float) -> int:
     with torch.device("meta"):
         m = qwen.Qwen2(cfg).to(dtype)
     m.requires_grad_(False)
-    lora.apply_lora(m, r=1, alpha=1.0)
+    lora.apply_lora(m, r=1, alpha=1.0, dropout=dropout)
     m.train()
     skip, seen = {p.untyped_storage()._cdata for p in m.parameters()}, {}
     vocab = cfg.vocab_size

@@ -131,8 +131,8 @@ def read_metrics(path: str) -> tuple[list[str], bool]:
     that is damage, not an interrupted append."""
     if not os.path.isfile(path):
         return [], False
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
+    with open(path) as f:  # every line ends in a newline, so that the next step's append starts a line
+        lines = [line.rstrip("\n") + "\n" for line in f if line.strip()]
     for i, line in enumerate(lines):
         try:
             json.loads(line)

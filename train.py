@@ -177,8 +177,8 @@ class Run:
                 checkpoint.save(path, self.step, self.model, self.opt, self.sched, self.device)
             except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError, not OSError
                 kept = "the previous checkpoint is intact" if os.path.isfile(path) else "no checkpoint was written"
-                raise SystemExit(f"error: cannot write {path} at step {self.step} ({config.one_line(e)}; a full "
-                                 f"disk?); {kept}: free space, then --resume {self.dir}")
+                raise SystemExit(f"error: cannot write the checkpoint (or profile) in {self.dir} at step {self.step} "
+                                 f"({config.one_line(e)}; a full disk?); {kept}: free space, then --resume {self.dir}")
 
     def load_checkpoint(self):
         try:
@@ -487,8 +487,9 @@ def memory_plan(cfg: TrainConfig, device: str, gpu_memory: float | None = None) 
     s = plan.Settings(dtype=config.DTYPES[cfg.dtype] if cfg.dtype else qwen.default_dtype(torch.device(device)),
                       prompts_per_step=cfg.prompts_per_step, num_generations=cfg.num_generations,
                       max_new_tokens=cfg.max_new_tokens, micro_batch=cfg.micro_batch,
-                      grad_checkpointing=cfg.grad_checkpointing, samples=cfg.algo == "grpo",
-                      keep_kv_cache=cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda"))
+                      grad_checkpointing=cfg.grad_checkpointing, samples=cfg.algo == "grpo", dropout=cfg.dropout,
+                      eval_batch=cfg.eval_batch, eval_max_new_tokens=cfg.eval_max_new_tokens, eval_every=cfg.eval_every,
+                      keep_kv_cache=cfg.compile == "on" or (cfg.compile == "auto" and torch.device(device).type == "cuda"))
     lines = plan.report(plan.predict(mcfg, ranks, s), s)
     if gpu_memory:
         mb, tokens = plan.fitting(mcfg, ranks, s, gpu_memory * plan.GiB)
@@ -516,6 +517,17 @@ def resume_state(run: Run):
 
 def main(argv=None):
     cfg, args = config.parse_args(argv)
+    if args.plan:  # nothing is loaded or written: the model's config.json and the settings
+        if args.resume:
+            raise SystemExit(f"error: --plan with --resume: plan a run from its settings with "
+                             f"--config {os.path.join(args.resume, rundir.CONFIG)} --plan")
+        if cfg.strategy == "base":
+            raise SystemExit("error: --plan with --strategy base: nothing trains, so there is no step to plan")
+        if cfg.strategy in ("proportional", "reduced") and not cfg.rank_pattern:
+            log(config.choose_profile(cfg))
+        for line in memory_plan(cfg, cfg.device or "cuda", args.gpu_memory):
+            log(line)
+        return
     if args.resume:
         # before anything reads or writes the folder; the group is not joined yet, so torchrun's RANK
         # says which process will write
@@ -528,14 +540,6 @@ def main(argv=None):
                                        at_step=checkpoint.step_of(os.path.join(args.resume, rundir.CHECKPOINT)))
         if resumed is not None:
             run_one(resumed, args.resume, True, args.given.get("stop_after"))
-        return
-    if args.plan:  # nothing is loaded or written: the model's config.json and the settings
-        if cfg.strategy == "base":
-            raise SystemExit("error: --plan with --strategy base: nothing trains, so there is no step to plan")
-        if cfg.strategy in ("proportional", "reduced") and not cfg.rank_pattern:
-            log(config.choose_profile(cfg))
-        for line in memory_plan(cfg, cfg.device or "cuda", args.gpu_memory):
-            log(line)
         return
     out = cfg.out or os.path.join("runs", f"{cfg.algo + '-' if cfg.algo != 'grpo' else ''}{cfg.strategy}-"
                                           f"{time.strftime('%Y%m%d-%H%M%S')}")

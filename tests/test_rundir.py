@@ -26,7 +26,7 @@ def test_a_torn_last_metrics_line_is_dropped_and_a_bad_middle_line_named(tmp_pat
     path = tmp_path / "m.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "rew')  # a crash while appending step 3
     assert R.read_metrics(str(path)) == (['{"step": 1}\n', '{"step": 2}\n'], True)
-    path.write_text('{"step": 1}\n{"step": 2}\n')
+    path.write_text('{"step": 1}\n{"step": 2}')  # whole, but its newline lost: given back, so appends start a line
     assert R.read_metrics(str(path)) == (['{"step": 1}\n', '{"step": 2}\n'], False)
     path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')  # damage, not an interrupted append
     with pytest.raises(ValueError, match=r"m\.jsonl:2: not valid JSON"):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -227,8 +228,9 @@ def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_previous_one(tmp_p
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch, "save", crash_while_writing)
-    with pytest.raises(SystemExit, match=r"cannot write runs/c/checkpoint.pt at step 4 \(disk full; a full disk\?\); "
-                                         r"the previous checkpoint is intact: free space, then --resume runs/c"):
+    with pytest.raises(SystemExit, match=r"cannot write the checkpoint \(or profile\) in runs/c at step 4 \(disk full; "
+                                         r"a full disk\?\); the previous checkpoint is intact: free space, then "
+                                         r"--resume runs/c"):
         train.main(["--resume", "runs/c"])
     monkeypatch.undo()
     assert ckpt.read_bytes() == before and torch.load(ckpt, weights_only=False)["step"] == 2
@@ -646,3 +648,15 @@ def test_a_bf16_run_on_the_cpu_trains_with_log_probs_close_to_fp32(tmp_path):
     lp = {d: M.completion_logprobs(M.from_pretrained(folder, device="cpu", dtype=d), ids, None, 30)[0].detach()
           for d in (torch.float32, torch.bfloat16)}
     assert (lp[torch.float32] - lp[torch.bfloat16]).abs().max() < 0.1
+
+
+def test_a_gpu_runs_recorded_device_is_a_valid_setting():
+    """A run records the device it ran on ("cuda:0"), so --resume and --config must accept cuda:N; on a
+    machine without CUDA they say so in one line, and --plan needs no GPU at all."""
+    import config
+    config.check(config.TrainConfig(device="cuda:0"), planning=True)
+    for device, why in (("cuda:0", "--device cuda:0: PyTorch"), ("cuda:x", "unknown; allowed: cpu, cuda (or cuda:N)")):
+        if device == "cuda:0" and torch.cuda.is_available():
+            continue
+        with pytest.raises(SystemExit, match=re.escape(why)):
+            config.check(config.TrainConfig(device=device))
