@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import allocate
+import config
 import lora
 import model as qwen
 
@@ -214,6 +216,33 @@ def fitting(mcfg: qwen.ModelConfig, ranks: dict[str, int], s: Settings, gpu_byte
 
     mb = largest(1, s.prompts_per_step * s.num_generations, lambda m: fits(micro_batch=m))
     return max(mb, 0), 64 * max(largest(1, 128, lambda n: fits(max_new_tokens=64 * n)), 0)
+
+
+def for_run(cfg: config.TrainConfig, device: str, gpu_memory: float | None = None) -> list[str]:
+    """The plan's lines for a run's settings on `device` (train.py --plan, and every run's first lines):
+    the model's shape from its config.json alone, the ranks from applying the run's allocation to a model
+    on the meta device (no weights, no memory)."""
+    mcfg = config.model_config(cfg)
+    pattern, info = config.resolve_ranks(cfg, mcfg.num_hidden_layers)
+    with torch.device("meta"):
+        ranks = lora.apply_lora(qwen.Qwen2(mcfg), r=cfg.rank, alpha=cfg.alpha, rank_pattern=pattern)
+    if cfg.strategy == "dynamic":  # every adapter is allocated at its capacity, the strategy's upper bound
+        top = allocate.bounds("proportional", mcfg.num_hidden_layers, info["budget"], cfg.r_min, cfg.r_max)[1]
+        ranks = {p: top for p in ranks}
+    cuda = torch.device(device).type == "cuda"
+    s = Settings(dtype=config.DTYPES[cfg.dtype] if cfg.dtype else qwen.default_dtype(torch.device(device)),
+                 prompts_per_step=cfg.prompts_per_step, num_generations=cfg.num_generations,
+                 max_new_tokens=cfg.max_new_tokens, micro_batch=cfg.micro_batch,
+                 grad_checkpointing=cfg.grad_checkpointing, samples=cfg.algo == "grpo", dropout=cfg.dropout,
+                 eval_batch=cfg.eval_batch, eval_max_new_tokens=cfg.eval_max_new_tokens, eval_every=cfg.eval_every,
+                 keep_kv_cache=cfg.compile == "on" or (cfg.compile == "auto" and cuda))
+    lines = report(predict(mcfg, ranks, s), s)
+    if gpu_memory:
+        mb, tokens = fitting(mcfg, ranks, s, gpu_memory * GiB)
+        lines.append(f"fits {gpu_memory:g} GiB (with {MARGIN / GiB:g} GiB to spare): --micro-batch up to {mb} at "
+                     f"--max-new-tokens {cfg.max_new_tokens}; --max-new-tokens up to {tokens} at "
+                     f"--micro-batch {cfg.micro_batch}")
+    return lines
 
 
 def report(phases: dict[str, int], s: Settings) -> list[str]:

@@ -458,7 +458,7 @@ def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None
             shutil.rmtree(created, ignore_errors=True)
         raise
     if run.ranks and not resume:
-        for line in memory_plan(cfg, run.device.type):
+        for line in plan.for_run(cfg, run.device.type):
             log(line)
     log(f"run {run_dir}: {cfg.algo}, strategy {cfg.strategy}, seed {cfg.seed}, {run.model.config.num_hidden_layers} "
         f"layers, {lora.count_lora_params(run.model)['total'] if run.ranks else 0:,} LoRA parameters, {run.device} "
@@ -472,31 +472,6 @@ def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None
         if not train(run, stop_after):
             return
     finish(run, time.perf_counter() - t0)
-
-
-def memory_plan(cfg: TrainConfig, device: str, gpu_memory: float | None = None) -> list[str]:
-    """plan.py's lines for these settings on `device`: the model's shape from its config.json alone, the
-    ranks from applying the allocation to a model on the meta device (no weights, no memory)."""
-    mcfg = config.model_config(cfg)
-    pattern, info = config.resolve_ranks(cfg, mcfg.num_hidden_layers)
-    with torch.device("meta"):
-        ranks = lora.apply_lora(qwen.Qwen2(mcfg), r=cfg.rank, alpha=cfg.alpha, rank_pattern=pattern)
-    if cfg.strategy == "dynamic":  # every adapter is allocated at its capacity, the strategy's upper bound
-        top = allocate.bounds("proportional", mcfg.num_hidden_layers, info["budget"], cfg.r_min, cfg.r_max)[1]
-        ranks = {p: top for p in ranks}
-    s = plan.Settings(dtype=config.DTYPES[cfg.dtype] if cfg.dtype else qwen.default_dtype(torch.device(device)),
-                      prompts_per_step=cfg.prompts_per_step, num_generations=cfg.num_generations,
-                      max_new_tokens=cfg.max_new_tokens, micro_batch=cfg.micro_batch,
-                      grad_checkpointing=cfg.grad_checkpointing, samples=cfg.algo == "grpo", dropout=cfg.dropout,
-                      eval_batch=cfg.eval_batch, eval_max_new_tokens=cfg.eval_max_new_tokens, eval_every=cfg.eval_every,
-                      keep_kv_cache=cfg.compile == "on" or (cfg.compile == "auto" and torch.device(device).type == "cuda"))
-    lines = plan.report(plan.predict(mcfg, ranks, s), s)
-    if gpu_memory:
-        mb, tokens = plan.fitting(mcfg, ranks, s, gpu_memory * plan.GiB)
-        lines.append(f"fits {gpu_memory:g} GiB (with {plan.MARGIN / plan.GiB:g} GiB to spare): --micro-batch up to "
-                     f"{mb} at --max-new-tokens {cfg.max_new_tokens}; --max-new-tokens up to {tokens} at "
-                     f"--micro-batch {cfg.micro_batch}")
-    return lines
 
 
 def resume_state(run: Run):
@@ -525,7 +500,7 @@ def main(argv=None):
             raise SystemExit("error: --plan with --strategy base: nothing trains, so there is no step to plan")
         if cfg.strategy in ("proportional", "reduced") and not cfg.rank_pattern:
             log(config.choose_profile(cfg))
-        for line in memory_plan(cfg, cfg.device or "cuda", args.gpu_memory):
+        for line in plan.for_run(cfg, cfg.device or "cuda", args.gpu_memory):
             log(line)
         return
     if args.resume:
