@@ -10,9 +10,8 @@ from the model's config.json and the run's settings (`python train.py --plan`; e
                           bit), the KV cache of K x B rows and the prefill's cache of B rows
     learn activations     what autograd keeps for backward over one micro-batch of prompt + completion
                           tokens, counted by running our own forward on PyTorch's "meta" device (shapes,
-                          no memory, no weights); attention as the flash kernels keep it (q, k, v, the
-                          output and one fp32 number per query and head), which is what SDPA's CPU kernel
-                          and CUDA's flash and memory-efficient kernels save
+                          no memory, no weights); attention as SDPA's CPU kernel keeps it (q, k, v, the
+                          output and one fp32 number per query and head; on CUDA, see below)
     logits                the micro-batch's logits in --dtype and their gradient, and a few 16 MiB fp32
                           chunks of them (model.TokenLogProbs)
     evaluation            greedy decoding of --eval-batch problems: the merge's copy, their KV cache and
@@ -78,9 +77,9 @@ def predict(mcfg: qwen.ModelConfig, ranks: dict[str, int], s: Settings) -> dict[
     b = torch.finfo(s.dtype).bits // 8
     L, d, f, V = mcfg.num_hidden_layers, mcfg.hidden_size, mcfg.intermediate_size, mcfg.vocab_size
     kv_width = mcfg.num_key_value_heads * mcfg.head_dim
-    shapes = module_shapes(mcfg)
-    lora_params = sum(r * sum(shapes[p.rsplit(".", 1)[-1]]) for p, r in ranks.items())
-    adapted = sum(shapes[p.rsplit(".", 1)[-1]][0] * shapes[p.rsplit(".", 1)[-1]][1] for p, r in ranks.items() if r)
+    n_weights, shapes = model_shape(mcfg)
+    lora_params = sum(r * sum(shapes[p]) for p, r in ranks.items())
+    adapted = sum(shapes[p][0] * shapes[p][1] for p, r in ranks.items() if r)
     n_rows, seq = s.prompts_per_step * s.num_generations, s.prompt_tokens + s.max_new_tokens
     kv_bytes = lambda rows, length: 2 * L * kv_width * rows * (-(-length // 256) * 256 if s.keep_kv_cache else length) * b
     kv = kv_bytes(n_rows, seq) if s.samples else 0
@@ -91,7 +90,7 @@ def predict(mcfg: qwen.ModelConfig, ranks: dict[str, int], s: Settings) -> dict[
     # the prefill's activations, one layer alive at a time and no graph (generate runs under no_grad)
     prefill = lambda rows: rows * s.prompt_tokens * (3 * f + 4 * d) * b
     kept = (kv if s.keep_kv_cache else 0) + (eval_kv if s.keep_kv_cache and s.eval_every else 0)
-    phases = {"weights": weight_count(mcfg) * b, "adapters + AdamW": 16 * lora_params, "KV cache": kept,
+    phases = {"weights": n_weights * b, "adapters + AdamW": 16 * lora_params, "KV cache": kept,
               # the merge's copy, the K x B cache unless kept, the prefill's B-row cache and activations
               "sampling": (adapted * b + (0 if s.keep_kv_cache else kv) + kv // s.num_generations +
                            prefill(s.prompts_per_step) if s.samples else 0),
@@ -105,20 +104,18 @@ def predict(mcfg: qwen.ModelConfig, ranks: dict[str, int], s: Settings) -> dict[
     return phases
 
 
-def weight_count(mcfg: qwen.ModelConfig) -> int:
-    shapes = module_shapes(mcfg)
-    per_layer = sum(i * o for i, o in shapes.values()) + 2 * mcfg.hidden_size  # + the two RMSNorms
-    per_layer += sum(shapes[m][1] for m in ("q_proj", "k_proj", "v_proj"))  # their biases
-    embed = mcfg.vocab_size * mcfg.hidden_size
-    return mcfg.num_hidden_layers * per_layer + embed * (1 if mcfg.tie_word_embeddings else 2) + mcfg.hidden_size
+def model_shape(mcfg: qwen.ModelConfig) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(parameter count, {projection path: (in, out)}), read from the model itself on the meta device."""
+    key = tuple(mcfg.__dict__.items())
+    if key not in _shapes:
+        with torch.device("meta"):
+            m = qwen.Qwen2(mcfg)
+        linears = {p: (m.get_submodule(p).in_features, m.get_submodule(p).out_features) for p in lora.target_paths(m)}
+        _shapes[key] = sum(p.numel() for p in m.parameters()), linears
+    return _shapes[key]
 
 
-def module_shapes(mcfg: qwen.ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of each adapted projection."""
-    d, f, q, kv = (mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_attention_heads * mcfg.head_dim,
-                   mcfg.num_key_value_heads * mcfg.head_dim)
-    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+_shapes: dict = {}
 
 
 def activation_bytes(mcfg: qwen.ModelConfig, ranks: dict[str, int], dtype: torch.dtype, micro_batch: int,
@@ -218,17 +215,19 @@ def fitting(mcfg: qwen.ModelConfig, ranks: dict[str, int], s: Settings, gpu_byte
     return max(mb, 0), 64 * max(largest(1, 128, lambda n: fits(max_new_tokens=64 * n)), 0)
 
 
-def for_run(cfg: config.TrainConfig, device: str, gpu_memory: float | None = None) -> list[str]:
-    """The plan's lines for a run's settings on `device` (train.py --plan, and every run's first lines):
-    the model's shape from its config.json alone, the ranks from applying the run's allocation to a model
-    on the meta device (no weights, no memory)."""
-    mcfg = config.model_config(cfg)
-    pattern, info = config.resolve_ranks(cfg, mcfg.num_hidden_layers)
-    with torch.device("meta"):
-        ranks = lora.apply_lora(qwen.Qwen2(mcfg), r=cfg.rank, alpha=cfg.alpha, rank_pattern=pattern)
-    if cfg.strategy == "dynamic":  # every adapter is allocated at its capacity, the strategy's upper bound
-        top = allocate.bounds("proportional", mcfg.num_hidden_layers, info["budget"], cfg.r_min, cfg.r_max)[1]
-        ranks = {p: top for p in ranks}
+def for_run(cfg: config.TrainConfig, device: str, gpu_memory: float | None = None, model=None) -> list[str]:
+    """The plan's lines for a run's settings on `device`: of `model` when the run has built it (train.py's
+    first lines), else of the model's config.json alone with the run's allocation applied on the meta
+    device, no weights loaded (--plan). Adapters count at their capacity (dynamic: the upper bound)."""
+    if model is None:
+        mcfg = config.model_config(cfg)
+        pattern, info = config.resolve_ranks(cfg, mcfg.num_hidden_layers)
+        capacity = (allocate.bounds("proportional", mcfg.num_hidden_layers, info["budget"], cfg.r_min, cfg.r_max)[1]
+                    if cfg.strategy == "dynamic" else None)  # as train.Run allocates them
+        with torch.device("meta"):
+            model = qwen.Qwen2(mcfg)
+        lora.apply_lora(model, r=cfg.rank, alpha=cfg.alpha, rank_pattern=pattern, capacity=capacity)
+    mcfg, ranks = model.config, {p: m.capacity for p, m in lora.lora_modules(model).items()}
     cuda = torch.device(device).type == "cuda"
     s = Settings(dtype=config.DTYPES[cfg.dtype] if cfg.dtype else qwen.default_dtype(torch.device(device)),
                  prompts_per_step=cfg.prompts_per_step, num_generations=cfg.num_generations,
@@ -309,7 +308,7 @@ def main(argv=None):
                                              "its peak memory measured, beside the plan's prediction")
     ap.add_argument("--layers", type=int, default=28, help="[default: 28, the real depth]")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], help="[default: bf16 on CUDA, fp32 on the CPU]")
+    ap.add_argument("--dtype", choices=list(config.DTYPES), help="[default: bf16 on CUDA, fp32 on the CPU]")
     ap.add_argument("--prompts-per-step", type=int, default=4)
     ap.add_argument("--num-generations", type=int, default=4)
     ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
@@ -317,7 +316,7 @@ def main(argv=None):
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--grad-checkpointing", action="store_true")
     args = ap.parse_args(argv)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) or qwen.default_dtype(torch.device(args.device))
+    dtype = config.DTYPES[args.dtype] if args.dtype else qwen.default_dtype(torch.device(args.device))
     s = Settings(dtype, args.prompts_per_step, args.num_generations, args.max_new_tokens, args.micro_batch,
                  args.grad_checkpointing, keep_kv_cache=False, prompt_tokens=args.prompt_tokens)
     measured, predicted = measure(args.layers, args.device, dtype, s)

@@ -458,7 +458,7 @@ def run_one(cfg: TrainConfig, run_dir: str, resume: bool, stop_after: int | None
             shutil.rmtree(created, ignore_errors=True)
         raise
     if run.ranks and not resume:
-        for line in plan.for_run(cfg, run.device.type):
+        for line in plan.for_run(cfg, run.device.type, model=run.model):
             log(line)
     log(f"run {run_dir}: {cfg.algo}, strategy {cfg.strategy}, seed {cfg.seed}, {run.model.config.num_hidden_layers} "
         f"layers, {lora.count_lora_params(run.model)['total'] if run.ranks else 0:,} LoRA parameters, {run.device} "
@@ -521,7 +521,7 @@ def main(argv=None):
     if not cfg.seeds:
         run_one(cfg, out, False, cfg.stop_after)
         return
-    for seed in rundir.parse_seeds(cfg.seeds):  # checked by config.check  # one after another; report.py summarises them
+    for seed in rundir.parse_seeds(cfg.seeds):  # one after another (checked by config.check); report.py summarises
         run_one(dataclasses.replace(cfg, seed=seed, seeds=None), os.path.join(out, f"seed{seed}"), False,
                 cfg.stop_after)
 
