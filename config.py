@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -340,6 +341,17 @@ def load_data(cfg: TrainConfig):
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (library messages often span several)."""
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """A step's learning rate over the peak (--lr-schedule): linear warm-up, then constant or a cosine
+    decay to 10%."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def set_threads(cfg: TrainConfig) -> str:

@@ -1,4 +1,4 @@
-"""Batched sampling for GRPO: prefill each prompt once, copy its cache into K rows, decode K samples.
+"""Batched sampling for GRPO: prefill each prompt once, then decode K samples that share its cache.
 
 The decode step has fixed shapes (model.KVCache attends over all its slots behind an additive mask,
 and its write position lives on the device), so `generate(compile=True)` compiles it once per shape
@@ -57,15 +57,13 @@ def generate(model: Qwen2, prompts: list[list[int]], *, max_new_tokens: int, sto
         if T0 + max_new_tokens > model.config.max_position_embeddings:
             raise ValueError(f"prompt of {T0} tokens + {max_new_tokens} new tokens exceeds the context "
                              f"({model.config.max_position_embeddings})")
+        slots = T0 + num_samples * max_new_tokens  # each prompt once, then each sample's tokens (KVCache)
         if compile:
-            step, cache = compiled_decoder(model, N, T0 + max_new_tokens, device, dtype)
+            step, cache = compiled_decoder(model, B, num_samples, slots, device, dtype)
         else:
-            step, cache = decode_step, KVCache(model.config, N, T0 + max_new_tokens, device, dtype)
-        prefill = KVCache(model.config, B, cache.max_len, device, dtype)
-        logits = model(ids, mask, cache=prefill, num_logits=1)[:, -1]  # prefill each prompt once: (B, V)
-        cache.fill_from(prefill, num_samples)  # ... and copy its cache into its n sample rows
-        del prefill
-        logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V)
+            step, cache = decode_step, KVCache(model.config, B, slots, device, dtype, samples=num_samples)
+        logits = model(ids, mask, cache=cache, num_logits=1)[:, -1]  # prefill each prompt once: (B, V)
+        logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V): its K samples' first token
 
         def draw():  # this step's uniforms (greedy decoding draws none)
             return None if temperature == 0 else uniforms(N, generator, device, noise_rows)
@@ -120,8 +118,8 @@ def decode_step(model: Qwen2, tok: torch.Tensor, real: torch.Tensor, cache: KVCa
 _COMPILED: "weakref.WeakKeyDictionary[Qwen2, dict]" = weakref.WeakKeyDictionary()
 
 
-def compiled_decoder(model: Qwen2, rows: int, max_len: int, device, dtype):
-    """(compiled decode_step, a KV cache for it), kept per model and per shape and reused.
+def compiled_decoder(model: Qwen2, rows: int, samples: int, max_len: int, device, dtype):
+    """(compiled decode_step, an empty KV cache for it), kept per model and per shape and reused.
 
     A CUDA graph replays fixed addresses, so each shape's cache outlives the generate call and is
     reused by the next one of that shape; lengths are rounded up to a multiple of 256 so that varying
@@ -134,12 +132,13 @@ def compiled_decoder(model: Qwen2, rows: int, max_len: int, device, dtype):
             entry["step"] = torch.compile(decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
         else:  # a small step is mostly call overhead, so inductor's C++ wrapper calls the kernels, not Python
             entry["step"] = torch.compile(decode_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
-    key = (rows, max_len, dtype, str(device))
+    key = (rows, samples, max_len, dtype, str(device))
     if key not in entry["caches"]:
-        cache = KVCache(model.config, rows, max_len, device, dtype)
+        cache = KVCache(model.config, rows, max_len, device, dtype, samples=samples)
         for t in cache.tensors():  # static inputs of the graph, updated in place
             torch._dynamo.mark_static_address(t)
         entry["caches"][key] = cache
+    entry["caches"][key].reset()
     return entry["step"], entry["caches"][key]
 
 

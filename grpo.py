@@ -26,7 +26,9 @@ What it implements, in the order of the paper's objective (train.py's loop calls
        dr_grpo  sum over tokens / (completions x max_new_tokens) (Dr. GRPO): no length normalisation
      The default is `grpo`, the paper's formula, which is what the study names.
   6. backward() backpropagates in micro-batches (the normalisers are computed over the whole batch, so
-     the sum of the micro-batch losses is exactly the batch loss). What follows the backward pass, the
+     the sum of the micro-batch losses is exactly the batch loss). Each prompt's forward runs once for
+     the K completions that continue it (model.SharedPrompts), and each micro-batch is cut to its own
+     longest prompt and completion: the same log-probs to rounding, a fraction of the work. What follows the backward pass, the
      gradient all-reduce, the profiler's record(), clipping and the optimiser step, is train.py's.
   `clip_frac` counts the clipping that is active (ρ > 1+ε_high with A > 0, ρ < 1-ε_low with A < 0),
   as TRL's clip_ratio/region_mean does.
@@ -43,11 +45,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 import lora
 import parallel
 from generate import generate
-from model import completion_logprobs, left_pad
+from model import completion_logprobs_shared, left_pad
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
@@ -139,8 +142,10 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, loss_type: str, n_seqs: in
 
 @dataclass
 class Rollout:
-    ids: torch.Tensor  # (N, Tp + Tc) prompt (left-padded) then completion
-    attn: torch.Tensor  # (N, Tp + Tc)
+    prompt_ids: torch.Tensor  # (B, Tp) the prompts, left-padded; completions i*K .. i*K+K-1 continue prompt i
+    prompt_attn: torch.Tensor  # (B, Tp)
+    ids: torch.Tensor  # (N, Tc) the completions, padded after their stop token
+    attn: torch.Tensor  # (N, Tc) 1 up to and including the stop token
     mask: torch.Tensor  # (N, Tc) bool: completion tokens that count in the loss
     sampler_logp: torch.Tensor  # (N, Tc) fp32 log-probs of the drawn tokens under the sampler's forward
     rewards: torch.Tensor  # (N, F) each reward function's score
@@ -152,6 +157,12 @@ class Rollout:
     times: dict = field(default_factory=dict)
     ref_logp: torch.Tensor | None = None  # (N, Tc) under the reference policy (reference_logprobs)
     old_logp: torch.Tensor | None = None  # (N, Tc) under the sampling policy, when num_iterations > 1
+
+    def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, attn) [N, Tp + Tc]: each completion behind its own copy of its prompt."""
+        K = len(self.ids) // len(self.prompt_ids)
+        return (torch.cat([self.prompt_ids.repeat_interleave(K, 0), self.ids], 1),
+                torch.cat([self.prompt_attn.repeat_interleave(K, 0), self.attn], 1))
 
 
 @torch.no_grad()
@@ -188,11 +199,10 @@ def rollout(model, tokenizer, prompts: list[list[int]], examples: list, reward_f
     t2 = time.perf_counter()
 
     pids, pmask = left_pad(prompts, tokenizer.pad_id, device)
-    pids, pmask = pids.repeat_interleave(K, 0), pmask.repeat_interleave(K, 0)
     mask = cmask.bool()
     if cfg.mask_truncated:
         mask = mask & ~truncated[:, None]
-    return Rollout(ids=torch.cat([pids, out], 1), attn=torch.cat([pmask, cmask], 1), mask=mask,
+    return Rollout(prompt_ids=pids, prompt_attn=pmask, ids=out, attn=cmask, mask=mask,
                    sampler_logp=sampler_logp, rewards=scores, total=total, advantages=advantages, texts=texts,
                    truncated=truncated, lengths=lengths,
                    times={"sample": t1 - t0, "score": t2 - t1})
@@ -202,16 +212,31 @@ def micro_batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def logprobs(model, batch: Rollout, s: slice, entropy: bool, temperature: float):
+    """completion_logprobs of the rows s, each prompt's forward run once for its rows there (SharedPrompts),
+    on the micro-batch cut to its own longest prompt and completion: the rest would be padding, which
+    changes no log-prob and costs time. Returns [n, Tc] (and the entropy, or None), zero past the cut."""
+    N, Tc = batch.ids.shape
+    K = N // len(batch.prompt_ids)
+    g = slice(s.start // K, (s.stop - 1) // K + 1)  # the prompts these rows continue
+    pmask, cmask = batch.prompt_attn[g], batch.attn[s]
+    first = int(pmask.any(0).long().argmax())  # left padding that none of these prompts needs
+    n = int(cmask.sum(-1).max())  # the longest completion here (each row's tokens come first)
+    rows = torch.arange(s.start, s.stop, device=cmask.device) // K - g.start
+    logp, ent = completion_logprobs_shared(model, batch.prompt_ids[g, first:], pmask[:, first:], rows,
+                                           batch.ids[s, :n], cmask[:, :n], entropy, temperature)
+    return F.pad(logp, (0, Tc - n)), None if ent is None else F.pad(ent, (0, Tc - n))
+
+
 @torch.no_grad()
 def reference_logprobs(model, batch: Rollout, cfg: GRPOConfig):
     """Fill in the log-probs the loss compares against, without gradient: the reference policy's (the
     adapters disabled; skipped when β = 0) and the sampling policy's (only when `num_iterations` > 1:
     with one pass the policy is the sampling policy, and its detached log-probs serve)."""
-    Tc = batch.mask.shape[1]
     chunks = micro_batches(len(batch.ids), cfg.micro_batch)
 
     def logps(s):
-        return completion_logprobs(model, batch.ids[s], batch.attn[s], Tc, temperature=cfg.temperature)[0]
+        return logprobs(model, batch, s, False, cfg.temperature)[0]
 
     if cfg.beta != 0:
         with lora.disable_adapters(model):
@@ -225,14 +250,14 @@ def backward(model, batch: Rollout, cfg: GRPOConfig, first: bool = True) -> dict
     .grad; returns the loss and its statistics over the batch (all data-parallel ranks). With
     `first`, also the entropy, the sampler-learner gap and the mean importance weight."""
     model.train()
-    n_local, Tc = batch.mask.shape
+    n_local = len(batch.mask)
     # normalisers over the whole batch, across data-parallel ranks too, so micro-batch losses sum to it
     N, n_tokens = parallel.sum_int(n_local), parallel.sum_int(int(batch.mask.sum()))
     device = batch.ids.device
     # over valid tokens: kl, active clips, entropy, |logp_old - logp_sampler|, importance weight; the loss
     sums, gap_max = torch.zeros(6, device=device), torch.zeros((), device=device)
     for s in micro_batches(n_local, cfg.micro_batch):
-        logp, ent = completion_logprobs(model, batch.ids[s], batch.attn[s], Tc, first, cfg.temperature)
+        logp, ent = logprobs(model, batch, s, first, cfg.temperature)
         old = logp.detach() if batch.old_logp is None else batch.old_logp[s]
         ref = logp.detach() if batch.ref_logp is None else batch.ref_logp[s]
         m = batch.mask[s]

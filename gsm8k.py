@@ -39,6 +39,8 @@ import urllib.request
 from dataclasses import dataclass
 from fractions import Fraction
 
+import numpy as np
+
 
 SHA256 = {"train": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
           "test": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"}
@@ -153,6 +155,16 @@ def subset(examples: list[Example], n: int | None, seed: int = EVAL_SEED) -> lis
         return examples
     keep = sorted(random.Random(seed).sample(range(len(examples)), n))
     return [examples[i] for i in keep]
+
+
+def step_problems(examples: list[Example], seed: int, step: int, n: int) -> list[Example]:
+    """The n problems of a training step: a fresh seeded permutation of the set each epoch, so they
+    depend on (seed, step) alone (a resumed run, and bench.py's TRL run, draw the same ones)."""
+    out = []
+    for j in range(step * n, step * n + n):
+        epoch, i = divmod(j, len(examples))
+        out.append(examples[np.random.default_rng([seed, epoch]).permutation(len(examples))[i]])
+    return out
 
 
 def synthetic_problems(n: int, seed: int = 0) -> list[Example]:

@@ -122,19 +122,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, bias, cache: "KVCache | None", layer: int):
+    def forward(self, x, cos, sin, bias, kv: "KVCache | PromptKV | SharedPrompts | None", layer: int):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.write(layer, k, v)  # (B, nkv, max_len, hd): the whole cache, masked by bias
+        if kv is not None:  # keys/values from before: the KV cache's (B, nkv, max_len, hd), masked by bias,
+            k, v = kv.write(layer, k, v)  # or shared prompts' then these (B, nkv, Tp + T, hd)
         # bias: (B, 1, T, S) additive mask, or None for plain causal attention without padding or cache
-        if cache is not None and T == 1:
-            # Decoding, one query per row: the g = n_head / n_kv query heads of a KV head become g queries
-            # of that head (same keys, same mask), so each cached key is read once per KV head, not g times.
-            y = F.scaled_dot_product_attention(q.view(B, self.n_kv, -1, self.hd), k, v, attn_mask=bias)
+        if isinstance(kv, KVCache):
+            # With a cache (prefill and decoding), the g = n_head / n_kv query heads of a KV head become g*T
+            # queries of that head (same keys, the mask repeated), so each cached key is read once per KV
+            # head, not g times; a decode step's T is the K samples of a prompt (KVCache).
+            g = self.n_head // self.n_kv
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, g * T, self.hd), k, v,
+                                               attn_mask=bias if T == 1 else bias.repeat(1, 1, g, 1))
             y = y.view(B, self.n_head, T, self.hd)
         else:  # GQA: SDPA's enable_gqa shares each KV head across n_head / n_kv query heads without a copy
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None,
@@ -161,8 +164,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, bias, cache, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias, cache, layer)
+    def forward(self, x, cos, sin, bias, kv, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias, kv, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -203,71 +206,104 @@ class Qwen2(nn.Module):
         come from it, so prompts of different lengths share one batch. With a cache the new tokens are
         appended to it and attend to everything cached before.
         """
-        B, T = input_ids.shape
-        mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
-                else attention_mask.to(torch.bool))
-        x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        if cache is not None:  # positions and the additive mask (B, 1, T, S) come from the cache
-            positions, bias = cache.append(mask)
-            cos, sin = cache.rope[positions].unbind(2)  # looked up in the table it computed once
-        else:
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-            if attention_mask is None:  # no padding: SDPA's plain causal attention, no mask tensor
-                bias = None
-            else:  # additive: SDPA's CPU kernel takes it faster than a boolean mask
-                key_bias = torch.zeros(B, 1, 1, T, dtype=x.dtype, device=x.device).masked_fill_(
-                    ~mask[:, None, None, :], float("-inf"))
-                bias = causal_bias(key_bias, torch.arange(T, device=x.device))
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): broadcast over heads
-        for i, block in enumerate(self.model.layers):
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, cos, sin, bias, None, i, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, bias, cache, i)
+        x = self.hidden_states(input_ids, attention_mask, cache)
         if num_logits is not None:
             x = x[:, -num_logits:]
         return self.lm_head(self.model.norm(x))
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      kv: "KVCache | PromptKV | SharedPrompts | None" = None) -> torch.Tensor:
+        """The last block's output [B, T, C], before the final norm. kv: a KVCache (decoding), or for
+        completion_logprobs_shared PromptKV (prompts: keep their keys and values) or SharedPrompts (the
+        completions that continue them)."""
+        shape = input_ids.shape
+        mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                else attention_mask.to(torch.bool))
+        per_sample = isinstance(kv, KVCache) and shape[1] == 1
+        if per_sample:  # one new token per sample [B*K, 1]: to the model, a row of K tokens per prompt
+            input_ids, mask = input_ids.view(kv.rows, kv.samples), mask.view(kv.rows, kv.samples)
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        if isinstance(kv, KVCache):  # positions and the additive mask (B, 1, T, S) come from the cache
+            positions, bias = kv.append(mask, per_sample)
+            cos, sin = kv.rope[positions].unbind(2)  # looked up in the table it computed once
+        else:
+            if isinstance(kv, SharedPrompts):  # after the prompts: keys (B, Tp + T), positions from Tp's count
+                start, key_mask = kv.continuing(mask)
+            else:
+                start, key_mask = 0, mask
+            positions = (start + mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+            if attention_mask is None and kv is None:  # no padding: SDPA's plain causal attention, no mask tensor
+                bias = None
+            else:  # additive: SDPA's CPU kernel takes it faster than a boolean mask
+                S = key_mask.shape[1]
+                key_bias = torch.zeros(B, 1, 1, S, dtype=x.dtype, device=x.device).masked_fill_(
+                    ~key_mask[:, None, None, :], float("-inf"))
+                bias = causal_bias(key_bias, torch.arange(S - T, S, device=x.device))
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): broadcast over heads
+        for i, block in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and not isinstance(kv, KVCache):
+                x = checkpoint(block, x, cos, sin, bias, kv, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, bias, kv, i)
+        return x.view(*shape, -1)
 
 
 # ------------------------------------------------------------------------------------- KV cache
 
 class KVCache:
-    """Preallocated keys/values [B, n_kv, max_len, hd] per layer, written by slot and read whole.
+    """Preallocated keys/values [B, n_kv, max_len, hd] per layer for B prompts and K samples of each,
+    written by slot and read whole.
 
-    `bias` [B, 1, 1, max_len] is 0 for real tokens and -inf for left padding and for slots not written
-    yet. Prompts are left-padded, so every row writes the same slot; `pos`, the number of slots written,
-    lives on the device, and `seen` [B] counts each row's real tokens, which gives its next rotary
+    A prompt's keys are kept once, however many samples continue it. The prefill writes the prompts'
+    tokens (left-padded, so every row writes the same slots); then each decode step writes one token per
+    sample, sample j's in slot pos + j, and the model runs the step as one row of K tokens per prompt
+    (Qwen2.hidden_states), so the K samples read their prompt's keys once per step, not K times (on the
+    CPU those copies were most of a decode step's memory traffic). `bias` [B, K, max_len] is sample k's
+    additive mask: 0 for its prompt's real tokens and its own, -inf for left padding, the other samples'
+    tokens, a finished sample's padding and slots not written yet. `pos`, the number of slots written,
+    lives on the device, and `seen` [B, K] counts each sample's real tokens, which gives its next rotary
     position. Eager code attends over the slots written so far (`filled`, the host's copy of pos); a
     compiled step attends over all max_len slots, masked by `bias`, so that every step has the same
     shapes and none reads a host number: it compiles once and can be captured as a CUDA graph.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype, samples: int = 1):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.bias = torch.full((batch, 1, 1, max_len), float("-inf"), device=device, dtype=dtype)
-        self.seen = torch.zeros(batch, device=device, dtype=torch.long)
+        self.bias = torch.full((batch, samples, max_len), float("-inf"), device=device, dtype=dtype)
+        self.seen = torch.zeros(batch, samples, device=device, dtype=torch.long)
         self.pos = torch.zeros((), device=device, dtype=torch.long)
         self.arange = torch.arange(max_len, device=device)
         cos, sin = rope_cos_sin(self.arange[None], cfg.head_dim, cfg.rope_theta, dtype)
         self.rope = torch.stack([cos[0], sin[0]], dim=1)  # (max_len, 2, hd): one lookup a step for both
         self.mask_bias = torch.tensor([float("-inf"), 0.0], device=device, dtype=dtype)  # [mask] -> additive bias
-        self.max_len = max_len
+        self.own = torch.eye(samples, device=device, dtype=torch.bool)  # [k, j]: sample k sees new token j
+        self.rows, self.samples, self.max_len = batch, samples, max_len
         self.filled = 0  # pos on the host (eager code only: a compiled step never reads it)
         self.slots = None  # (T,) the slots of the tokens being appended
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.k, *self.v, self.bias, self.seen, self.pos]
 
+    def reset(self):
+        """Empty, in place (a compiled step's cache is reused at the same addresses); stale keys stay
+        behind a -inf mask."""
+        self.bias.fill_(float("-inf"))
+        self.seen.zero_()
+        self.pos.zero_()
+        self.filled = 0
+
     @property
     def used(self) -> int:
         """The slots attention reads: those written so far (eager), or all of them (compiled: static shapes)."""
         return self.max_len if torch.compiler.is_compiling() else self.filled
 
-    def append(self, mask: torch.Tensor):
-        """Register T new tokens (mask [B, T]); returns their positions [B, T] and attention bias [B, 1, T, used]."""
+    def append(self, mask: torch.Tensor, per_sample: bool = False):
+        """Register T new tokens of each prompt (mask [B, T]), or with per_sample one new token of each
+        sample (mask [B, K]); returns their positions [B, T] and attention bias [B, 1, T, used]."""
         T = mask.shape[1]
         if not torch.compiler.is_compiling():  # a compiled step must not specialise to a host number
             if self.filled + T > self.max_len:
@@ -275,13 +311,17 @@ class KVCache:
             self.filled += T
         self.slots = self.pos + self.arange[:T]  # (T,)
         m = mask.long()
-        positions = self.seen[:, None] + m.cumsum(-1) - m  # padding gets its next real token's position
-        self.seen += m.sum(-1)
-        self.bias.view(self.bias.shape[0], -1).index_copy_(1, self.slots, self.mask_bias[m])  # 0 or -inf
         self.pos += T
-        if T == 1:  # a decode step: the newest token sees every real token so far, itself included
-            return positions, self.bias[..., :self.used]
-        return positions, causal_bias(self.bias[..., :self.used], self.slots)
+        if per_sample:  # sample j's token: seen by sample j alone (if real), at sample j's next position
+            positions = self.seen + 0
+            self.seen += m
+            new = torch.where(self.own, self.mask_bias[m][:, None, :], float("-inf"))  # (B, K, K)
+            self.bias.index_copy_(2, self.slots, new)
+            return positions, self.bias[:, None, :, :self.used]
+        positions = self.seen[:, :1] + m.cumsum(-1) - m  # the samples share the prompt; padding gets its next
+        self.seen += m.sum(-1, keepdim=True)  # real token's position
+        self.bias.index_copy_(2, self.slots, self.mask_bias[m][:, None, :].expand(-1, self.samples, -1))
+        return positions, causal_bias(self.bias[:, None, :1, :self.used], self.slots)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store the new keys/values [B, n_kv, T, hd] in their slots; return the whole cache of this layer."""
@@ -289,18 +329,40 @@ class KVCache:
         self.v[layer].index_copy_(2, self.slots, v)
         return self.k[layer][:, :, :self.used], self.v[layer][:, :, :self.used]
 
-    def fill_from(self, other: "KVCache", n: int) -> "KVCache":
-        """Become `other` with each row repeated n times (row i -> rows i*n .. i*n+n-1): prefill once, sample n.
 
-        Copies into this cache's own tensors, which stay where they are, as a captured CUDA graph needs.
-        """
-        def rows(t):  # (B*n, ...) viewed as (B, n, ...): the source broadcasts over n without a copy
-            return t.view(other.seen.shape[0], n, *t.shape[1:])
-        for dst, src in zip(self.tensors()[:-1], other.tensors()[:-1]):  # all but pos, a scalar
-            rows(dst).copy_(src[:, None])
-        self.pos.copy_(other.pos)
-        self.filled = other.filled
-        return self
+class PromptKV:
+    """The prompts' pass of completion_logprobs_shared: keeps each layer's keys and values [G, n_kv, Tp, hd]
+    with their autograd graph (a checkpointed block's recomputation writes the same values again)."""
+
+    def __init__(self):
+        self.k, self.v = {}, {}
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class SharedPrompts:
+    """Prompts that several rows continue (GRPO's K completions of a prompt), run once for all of them.
+
+    Row i of the completions' pass attends to the keys and values PromptKV kept for prompt rows[i]
+    before its own, so each prompt's forward is computed once instead of K times, and backward sums
+    the K rows' gradients into that one pass. Every completion token sees exactly the keys, values and
+    positions it sees in the whole sequence (tested against completion_logprobs).
+    """
+
+    def __init__(self, prompts: PromptKV, mask: torch.Tensor, rows: torch.Tensor):
+        self.prompts, self.rows = prompts, rows  # rows (N,): row -> prompt
+        self.mask = mask.to(torch.bool)  # (G, Tp) left-padded prompts
+
+    def continuing(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first position [N, 1], key mask [N, Tp + T]) of new tokens (mask [N, T]) after their prompts."""
+        return self.mask.sum(-1)[self.rows][:, None], torch.cat([self.mask[self.rows], mask], 1)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Each row's prompt's keys/values, then the row's own: [N, n_kv, Tp + T, hd]."""
+        return (torch.cat([self.prompts.k[layer][self.rows], k], 2),
+                torch.cat([self.prompts.v[layer][self.rows], v], 2))
 
 
 def causal_bias(key_bias: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -328,7 +390,24 @@ def completion_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_completi
     The logits stay in the model's dtype; a chunk of positions is cast to fp32 only while it is used,
     so no vocabulary-sized fp32 tensor of the whole batch is ever alive (TokenLogProbs)."""
     logits = model(ids, attn, num_logits=n_completion + 1)  # (N, Tc + 1, V); position t predicts t + 1
-    targets = ids[:, -n_completion:]
+    return _token_logprobs(logits, ids[:, -n_completion:], entropy, temperature)
+
+
+def completion_logprobs_shared(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, rows: torch.Tensor,
+                               ids: torch.Tensor, mask: torch.Tensor, entropy: bool = False,
+                               temperature: float = 1.0):
+    """completion_logprobs of completions ids [N, Tc] (mask [N, Tc]) that continue left-padded prompts
+    [G, Tp] (rows [N]: which prompt each continues), with each prompt's forward run once for all the
+    rows that continue it (SharedPrompts): the same values, and gradients summed in another order."""
+    kv = PromptKV()
+    last = model.hidden_states(prompt_ids, prompt_mask, kv)[:, -1:]  # (G, 1, C): predicts token 0
+    h = model.hidden_states(ids, mask, SharedPrompts(kv, prompt_mask, rows))  # (N, Tc, C)
+    logits = model.lm_head(model.model.norm(torch.cat([last[rows], h], 1)))  # (N, Tc + 1, V)
+    return _token_logprobs(logits, ids, entropy, temperature)
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy: bool, temperature: float):
+    """(log-probs [N, Tc] of targets, entropy [N, Tc] or None) from logits [N, Tc + 1, V]."""
     logp = TokenLogProbs.apply(logits, targets, temperature)
     if not entropy:
         return logp, None

@@ -7,15 +7,18 @@ from the model's config.json and the run's settings (`python train.py --plan`; e
     KV cache              kept between steps when the decode step is compiled (a CUDA graph reads it
                           at fixed addresses, generate.py); freed after sampling otherwise
     sampling              the merge's copy of every adapted weight (lora.merged restores it bit for
-                          bit), the KV cache of K x B rows and the prefill's cache of B rows
-    learn activations     what autograd keeps for backward over one micro-batch of prompt + completion
-                          tokens, counted by running our own forward on PyTorch's "meta" device (shapes,
+                          bit), the KV cache (B prompts once, then K samples' tokens each: model.KVCache)
+                          and the prefill's activations
+    learn activations     what autograd keeps for backward over one micro-batch: its completions and the
+                          prompts they continue, each prompt once (model.SharedPrompts), counted by
+                          running our own forward on PyTorch's "meta" device (shapes,
                           no memory, no weights); attention as SDPA's CPU kernel keeps it (q, k, v, the
                           output and one fp32 number per query and head; on CUDA, see below)
     logits                the micro-batch's logits in --dtype and their gradient, and a few 16 MiB fp32
                           chunks of them (model.TokenLogProbs)
-    evaluation            greedy decoding of --eval-batch problems: the merge's copy, their KV cache and
-                          the prefill's (kept, when compiled and --eval-every is set, like sampling's)
+    evaluation            greedy decoding of --eval-batch problems: the merge's copy, their KV cache
+                          (kept, when compiled and --eval-every is set, like sampling's) and the prefill's
+                          activations
 
 The peak is the persistent part (weights, adapters + AdamW, kept KV caches) plus the largest of the
 sampling, learn and evaluation phases. Assumed, since the settings do not say: every completion runs to
@@ -80,24 +83,25 @@ def predict(mcfg: qwen.ModelConfig, ranks: dict[str, int], s: Settings) -> dict[
     n_weights, shapes = model_shape(mcfg)
     lora_params = sum(r * sum(shapes[p]) for p, r in ranks.items())
     adapted = sum(shapes[p][0] * shapes[p][1] for p, r in ranks.items() if r)
-    n_rows, seq = s.prompts_per_step * s.num_generations, s.prompt_tokens + s.max_new_tokens
+    n_rows = s.prompts_per_step * s.num_generations
     kv_bytes = lambda rows, length: 2 * L * kv_width * rows * (-(-length // 256) * 256 if s.keep_kv_cache else length) * b
-    kv = kv_bytes(n_rows, seq) if s.samples else 0
+    # each prompt's slots once, then K samples' tokens each (KVCache)
+    kv = kv_bytes(s.prompts_per_step, s.prompt_tokens + s.num_generations * s.max_new_tokens) if s.samples else 0
     eval_kv = kv_bytes(s.eval_batch, s.prompt_tokens + s.eval_max_new_tokens)
     mb = min(s.micro_batch, n_rows)
-    learn = activation_bytes(mcfg, ranks, s.dtype, mb, seq, s.max_new_tokens, s.grad_checkpointing, s.dropout)
+    learn = activation_bytes(mcfg, ranks, s.dtype, prompts_in(mb, n_rows, s.num_generations if s.samples else 1), mb,
+                             s.prompt_tokens, s.max_new_tokens, s.grad_checkpointing, s.dropout)
     logits = 2 * mb * (s.max_new_tokens + 1) * V * b + CHUNKS * qwen.LOGIT_CHUNK_BYTES
     # the prefill's activations, one layer alive at a time and no graph (generate runs under no_grad)
     prefill = lambda rows: rows * s.prompt_tokens * (3 * f + 4 * d) * b
     kept = (kv if s.keep_kv_cache else 0) + (eval_kv if s.keep_kv_cache and s.eval_every else 0)
     phases = {"weights": n_weights * b, "adapters + AdamW": 16 * lora_params, "KV cache": kept,
-              # the merge's copy, the K x B cache unless kept, the prefill's B-row cache and activations
-              "sampling": (adapted * b + (0 if s.keep_kv_cache else kv) + kv // s.num_generations +
-                           prefill(s.prompts_per_step) if s.samples else 0),
+              # the merge's copy, the cache unless kept, the prefill's activations
+              "sampling": (adapted * b + (0 if s.keep_kv_cache else kv) + prefill(s.prompts_per_step)
+                           if s.samples else 0),
               "learn activations": learn, "logits": logits,
-              # the merge's copy, the cache unless kept during training, the prefill's cache (one row a
-              # problem: as large) and activations
-              "evaluation": (adapted * b + (0 if s.keep_kv_cache and s.eval_every else eval_kv) + eval_kv +
+              # the merge's copy, the cache unless kept during training, the prefill's activations
+              "evaluation": (adapted * b + (0 if s.keep_kv_cache and s.eval_every else eval_kv) +
                              prefill(s.eval_batch) if s.eval_batch else 0)}
     persistent = phases["weights"] + phases["adapters + AdamW"] + phases["KV cache"]
     phases["peak"] = persistent + max(phases["sampling"], learn + logits, phases["evaluation"])
@@ -118,38 +122,49 @@ def model_shape(mcfg: qwen.ModelConfig) -> tuple[int, dict[str, tuple[int, int]]
 _shapes: dict = {}
 
 
-def activation_bytes(mcfg: qwen.ModelConfig, ranks: dict[str, int], dtype: torch.dtype, micro_batch: int,
-                     seq: int, n_completion: int, grad_checkpointing: bool, dropout: float = 0.0) -> int:
-    """What autograd keeps for backward over one micro-batch, logits aside: our forward traced on the
-    meta device with one and with two layers (the layers are alike, so the rest is arithmetic), at
-    rank 1 everywhere, plus each adapter's r-wide product (4 bytes a token per unit of rank)."""
-    # every saved tensor has the micro-batch as its first dimension: trace one sequence, multiply
-    one, two = (micro_batch * saved_bytes(mcfg, n, dtype, 1, seq, n_completion, dropout) for n in (1, 2))
+def prompts_in(micro_batch: int, n_rows: int, k: int) -> int:
+    """The most prompts one micro-batch's rows continue (rows i*k .. i*k+k-1 continue prompt i)."""
+    return max((min(a + micro_batch, n_rows) - 1) // k - a // k + 1 for a in range(0, n_rows, micro_batch))
+
+
+def activation_bytes(mcfg: qwen.ModelConfig, ranks: dict[str, int], dtype: torch.dtype, prompts: int, rows: int,
+                     prompt_tokens: int, n_completion: int, grad_checkpointing: bool, dropout: float = 0.0) -> int:
+    """What autograd keeps for backward over one micro-batch of `rows` completions continuing `prompts`
+    prompts, logits aside: our forward traced on the meta device with one and with two layers (the
+    layers are alike, so the rest is arithmetic), at rank 1 everywhere, plus each adapter's r-wide
+    product (4 bytes a token per unit of rank)."""
+    # every saved tensor is per prompt or per completion: trace 1 prompt with 1 and with 2 completions
+    def per(layers):
+        one, two = (saved_bytes(mcfg, layers, dtype, n, prompt_tokens, n_completion, dropout) for n in (1, 2))
+        return prompts * (2 * one - two) + rows * (two - one)
+    one, two = per(1), per(2)
     per_layer, outside = two - one, 2 * one - two
     L = mcfg.num_hidden_layers
-    lora_extra = 4 * micro_batch * seq * sum(max(r - 1, 0) for r in ranks.values())
+    tokens = prompts * prompt_tokens + rows * n_completion
+    lora_extra = 4 * tokens * sum(max(r - 1, 0) for r in ranks.values())
     if not grad_checkpointing:
         return outside + L * per_layer + lora_extra
     # checkpointing keeps each block's input and recomputes one block at a time in backward
-    block_input = micro_batch * seq * mcfg.hidden_size * torch.finfo(dtype).bits // 8
+    block_input = tokens * mcfg.hidden_size * torch.finfo(dtype).bits // 8
     return outside + L * block_input + per_layer + lora_extra // L
 
 
-def saved_bytes(mcfg: qwen.ModelConfig, layers: int, dtype: torch.dtype, micro_batch: int, seq: int,
+def saved_bytes(mcfg: qwen.ModelConfig, layers: int, dtype: torch.dtype, rows: int, prompt_tokens: int,
                 n_completion: int, dropout: float = 0.0) -> int:
-    """Bytes of every tensor autograd saves in completion_logprobs' forward (each storage once,
-    parameters and the logits left out) for a rank-1 LoRA model of `layers` layers, on the meta device."""
-    key = (tuple(mcfg.__dict__.items()), layers, dtype, micro_batch, seq, n_completion, dropout)
+    """Bytes of every tensor autograd saves in completion_logprobs_shared's forward (each storage once,
+    parameters and the logits left out) for `rows` completions of one prompt, with a rank-1 LoRA model
+    of `layers` layers, on the meta device."""
+    key = (tuple(mcfg.__dict__.items()), layers, dtype, rows, prompt_tokens, n_completion, dropout)
     if key not in _saved:
-        _saved[key] = _trace(qwen.ModelConfig(**{**mcfg.__dict__, "num_hidden_layers": layers}), dtype, micro_batch,
-                             seq, n_completion, dropout)
+        _saved[key] = _trace(qwen.ModelConfig(**{**mcfg.__dict__, "num_hidden_layers": layers}), dtype, rows,
+                             prompt_tokens, n_completion, dropout)
     return _saved[key]
 
 
 _saved: dict = {}  # the fitting search asks for the same shapes again
 
 
-def _trace(cfg: qwen.ModelConfig, dtype: torch.dtype, micro_batch: int, seq: int, n_completion: int,
+def _trace(cfg: qwen.ModelConfig, dtype: torch.dtype, rows: int, prompt_tokens: int, n_completion: int,
            dropout: float) -> int:
     with torch.device("meta"):
         m = qwen.Qwen2(cfg).to(dtype)
@@ -165,10 +180,11 @@ def _trace(cfg: qwen.ModelConfig, dtype: torch.dtype, micro_batch: int, seq: int
             seen[key] = t.untyped_storage().nbytes()
         return t
 
-    ids = torch.zeros(micro_batch, seq, dtype=torch.long, device="meta")
-    attn = torch.ones(micro_batch, seq, dtype=torch.long, device="meta")
+    meta = dict(dtype=torch.long, device="meta")
+    prompt, ids = torch.zeros(1, prompt_tokens, **meta), torch.zeros(rows, n_completion, **meta)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), flash_attention():
-        qwen.completion_logprobs(m, ids, attn, n_completion)
+        qwen.completion_logprobs_shared(m, prompt, torch.ones_like(prompt), torch.zeros(rows, **meta), ids,
+                                        torch.ones_like(ids))
     return sum(seen.values())
 
 
@@ -275,8 +291,10 @@ def measure(layers: int, device: str, dtype: torch.dtype, s: Settings, rank: int
     ranks = lora.apply_lora(m, r=rank, alpha=2.0 * rank)
     opt = torch.optim.AdamW(lora.lora_parameters(m), lr=1e-4)
     n, Tc = s.prompts_per_step * s.num_generations, s.max_new_tokens
-    ids = torch.randint(0, mcfg.vocab_size, (n, s.prompt_tokens + Tc), device=dev)
-    batch = grpo.Rollout(ids=ids, attn=torch.ones_like(ids), mask=torch.ones(n, Tc, dtype=torch.bool, device=dev),
+    prompts = torch.randint(0, mcfg.vocab_size, (s.prompts_per_step, s.prompt_tokens), device=dev)
+    ids = torch.randint(0, mcfg.vocab_size, (n, Tc), device=dev)
+    batch = grpo.Rollout(prompt_ids=prompts, prompt_attn=torch.ones_like(prompts), ids=ids, attn=torch.ones_like(ids),
+                         mask=torch.ones(n, Tc, dtype=torch.bool, device=dev),
                          sampler_logp=torch.zeros(n, Tc, device=dev), rewards=torch.zeros(n, 1, device=dev),
                          total=torch.zeros(n, device=dev), advantages=torch.randn(n, device=dev), texts=[],
                          truncated=torch.zeros(n, dtype=torch.bool, device=dev),

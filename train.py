@@ -152,18 +152,10 @@ class Run:
         """The scale policy's multiplier for an adapter of rank r (dynamic moves)."""
         return lora.lora_scale(self.cfg.scale_policy, self.cfg.alpha, r, self.cfg.rank)
 
-    # -- data order: a fresh seeded permutation each epoch, so position = step alone
     def batch(self, step: int) -> list:
         """This step's problems: B prompts for GRPO, B x K reference solutions for SFT (same sequences)."""
-        n, B = len(self.train_set), self.cfg.prompts_per_step
-        if self.cfg.algo == "sft":
-            B *= self.cfg.num_generations
-        out = []
-        for j in range(step * B, step * B + B):
-            epoch, i = divmod(j, n)
-            perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
-            out.append(self.train_set[perm[i]])
-        return out
+        B = self.cfg.prompts_per_step * (self.cfg.num_generations if self.cfg.algo == "sft" else 1)
+        return gsm8k.step_problems(self.train_set, self.cfg.seed, step, B)
 
     def prompts(self, examples) -> list[list[int]]:
         return [self.tok.encode(gsm8k.prompt_text(ex.question, self.tok.chat)) for ex in examples]
@@ -238,19 +230,9 @@ class Run:
 
 
 def configure_optimizers(model, cfg: TrainConfig):
-    """AdamW on the adapters alone (fp32 state), and its schedule: linear warm-up, then constant or a
-    cosine decay to 10% of the peak."""
+    """AdamW on the adapters alone (fp32 state), and its schedule (config.lr_factor)."""
     opt = torch.optim.AdamW(lora.lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: config.lr_factor(cfg, step))
 
 
 def fmt_time(s: float) -> str:
@@ -387,7 +369,9 @@ def finish(run: Run, t_total: float):
                               if no_gradient == run.step else "they count as zeros in the profile's means"))
     problems = gsm8k.subset(run.test_set, cfg.eval_n)
     log(f"final evaluation on {len(problems)} test problems ...")
+    t_eval = time.perf_counter()
     res = run.evaluate(problems, "final")
+    t_eval = time.perf_counter() - t_eval
     active = [m.r for m in lora.lora_modules(run.model).values()]  # final ranks (they move when dynamic)
     results = {"strategy": cfg.strategy if not cfg.rank_pattern else f"pattern:{os.path.basename(cfg.rank_pattern)}",
                "algo": cfg.algo, "seed": cfg.seed, "rank_min": min(active, default=0),
@@ -396,7 +380,7 @@ def finish(run: Run, t_total: float):
                "accuracy": res["accuracy"], "ci95": res["ci95"], "n": res["n"], "correct": res["correct"],
                "format_rate": res["format_rate"], "lenient_accuracy": res["lenient_accuracy"],
                "steps": run.step, "steps_without_signal": silent, "steps_without_gradient": no_gradient,
-               "time_s": t_total, "train_tokens": tokens,
+               "time_s": t_total, "time_eval_s": t_eval, "train_tokens": tokens,
                "code_version": rundir.code_version(), "torch_version": torch.__version__}
     if cfg.strategy == "dynamic":
         results["final_layer_ranks"] = dynamic.layer_ranks(run.model)

@@ -152,3 +152,25 @@ def test_sampler_logprobs_are_the_tokens_log_softmax_at_the_temperature(hf_pair,
         full = (ours(ids)[0, len(p) - 1:-1].float() / temperature).log_softmax(-1)  # (n, V)
         expected = full.gather(-1, out[i, :n, None])[:, 0]
         assert torch.allclose(logp[i, :n], expected, atol=1e-5), (logp[i, :n], expected)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_samples_sharing_their_prompts_cache_see_only_their_own_tokens(hf_pair, compile):
+    """K = 4 samples of prompts of different lengths share each prompt's keys (model.KVCache); each
+    sample's log-probs are those transformers gives its own sequence alone, whether the others have
+    finished or not, eager and compiled."""
+    hf, folder = hf_pair
+    ours = M.from_pretrained(folder)
+    if compile:  # dynamo keeps 8 graphs of decode_step, and the tests before this one used them up
+        torch._dynamo.reset()
+    prompts = [[5, 9, 2, 7, 11, 3], [8, 4, 6]]
+    out, mask, logp = G.generate(ours, prompts, max_new_tokens=10, stop_ids=[1, 2, 3], pad_id=0, num_samples=4,
+                                 temperature=1.0, generator=torch.Generator().manual_seed(11), compile=compile)
+    lengths = mask.sum(-1)
+    assert lengths.min() < lengths.max()  # some samples finished while others went on
+    for i in range(out.shape[0]):
+        p, n = prompts[i // 4], int(lengths[i])
+        with torch.no_grad():
+            logits = hf(torch.tensor([p + out[i, :n].tolist()])).logits[0, len(p) - 1:-1]
+        want = logits.log_softmax(-1).gather(-1, out[i, :n, None])[:, 0]
+        assert torch.allclose(logp[i, :n], want, atol=1e-5), i

@@ -52,6 +52,62 @@ def test_cached_decoding_equals_full_recompute(hf_pair):
     assert ((inc - ref).abs() * valid).max() <= TOL
 
 
+def shared_batch(vocab, seed=4):
+    """3 left-padded prompts, 4 completions of each (some stopped early), and the same as whole sequences."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, ids = torch.randint(0, vocab, (3, 7), generator=g), torch.randint(0, vocab, (12, 5), generator=g)
+    prompt_mask, mask = torch.ones_like(prompts), torch.ones_like(ids)
+    prompt_mask[0, :3], prompt_mask[1, :1], mask[2, 3:], mask[5, 1:] = 0, 0, 0, 0
+    rows = torch.arange(12) // 4
+    return prompts, prompt_mask, rows, ids, mask, torch.cat([prompts[rows], ids], 1), torch.cat([prompt_mask[rows], mask], 1)
+
+
+def test_shared_prompt_logprobs_match_transformers(hf_pair):
+    """Completions continuing prompts run once each (SharedPrompts) get the log-probs transformers gives
+    the whole left-padded sequences."""
+    hf, folder = hf_pair
+    ours = M.from_pretrained(folder)
+    prompts, prompt_mask, rows, ids, mask, full, full_mask = shared_batch(hf.config.vocab_size)
+    with torch.no_grad():
+        logp, _ = M.completion_logprobs_shared(ours, prompts, prompt_mask, rows, ids, mask)
+        logits = hf(full, attention_mask=full_mask).logits[:, -6:-1].float()
+    want = torch.gather(logits.log_softmax(-1), 2, ids[..., None])[..., 0]
+    assert ((logp - want).abs() * mask).max() <= TOL
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompts_give_the_whole_sequences_values_and_gradients(checkpointing):
+    """Against completion_logprobs on the whole sequences, with LoRA and different ranks, with and without
+    gradient checkpointing: log-probs and entropies within rounding (fp32: a few ulp), adapter gradients
+    to 1e-5 of their size (the K rows' gradients are summed in another order)."""
+    import lora as L
+    cfg = M.ModelConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = M.Qwen2(cfg)
+    m.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    m.requires_grad_(False)
+    L.apply_lora(m, r=4, alpha=8.0, rank_pattern={"model.layers.1.mlp.*": 2})
+    with torch.no_grad():
+        for p in L.lora_parameters(m):
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    m.gradient_checkpointing = checkpointing
+    m.train()
+    prompts, prompt_mask, rows, ids, mask, full, full_mask = shared_batch(100)
+    weight = torch.randn(ids.shape, generator=torch.Generator().manual_seed(2)) * mask
+    got = []
+    for fn in (lambda: M.completion_logprobs(m, full, full_mask, 5, entropy=True),
+               lambda: M.completion_logprobs_shared(m, prompts, prompt_mask, rows, ids, mask, entropy=True)):
+        logp, ent = fn()
+        (logp * weight).sum().backward()
+        got.append((logp.detach(), ent, [p.grad.clone() for p in L.lora_parameters(m)]))
+        m.zero_grad(set_to_none=True)
+    (a, ea, ga), (b, eb, gb) = got
+    real = mask.bool()
+    assert torch.allclose(a[real], b[real], rtol=0, atol=2e-6) and torch.allclose(ea[real], eb[real], rtol=0, atol=2e-6)
+    assert all((x - y).abs().max() <= 1e-5 * x.abs().max() for x, y in zip(ga, gb))
+    assert all(x.abs().max() > 0 for x in ga)  # every adapter got a gradient: the comparison means something
+
+
 def test_sharded_checkpoint_loads(tmp_path):
     hf = make_hf_model("untied")
     hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="50KB")
