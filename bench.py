@@ -369,7 +369,7 @@ def bench_organism(args) -> dict:
     import concurrent.futures
     import json
     here = os.path.dirname(os.path.abspath(__file__))
-    sides = ["ours", "trl"] + (["baseline"] if args.baseline else [])
+    sides = ["ours"] + (["trl"] if "trl" not in args.skip else []) + (["baseline"] if args.baseline else [])
     jobs = [(side, seed) for seed in range(args.seeds) for side in sides]
     tmp = tempfile.TemporaryDirectory()
     if args.preset == "organism":
@@ -422,8 +422,9 @@ def bench_organism(args) -> dict:
         k, n = sum(r["correct"] for r in mine), sum(r["n"] for r in mine)
         res[side]["accuracy_sd"] = statistics.stdev(r["accuracy"] for r in mine) if len(mine) > 1 else 0.0
         res[side]["wilson_pooled"] = evaluate.wilson_interval(k, n)
-    res["speedup_vs_trl"] = res["trl"]["train_s"] / res["ours"]["train_s"]
-    res["speedup_vs_trl_wall"] = res["trl"]["wall_s"] / res["ours"]["wall_s"]
+    if "trl" in res:
+        res["speedup_vs_trl"] = res["trl"]["train_s"] / res["ours"]["train_s"]
+        res["speedup_vs_trl_wall"] = res["trl"]["wall_s"] / res["ours"]["wall_s"]
     if args.baseline:
         res["speedup_vs_baseline_wall"] = res["baseline"]["wall_s"] / res["ours"]["wall_s"]
         res["speedup_vs_baseline_train"] = res["baseline"]["train_s"] / res["ours"]["train_s"]
@@ -437,21 +438,25 @@ def organism_main(args) -> dict:
     if args.baseline and not os.path.isfile(os.path.join(args.baseline, "train.py")):
         raise SystemExit(f"error: --baseline {args.baseline}: no train.py there (a checkout of this project)")
     import importlib.util
-    if importlib.util.find_spec("trl") is None:
-        raise SystemExit("error: --organism needs TRL (pip install -r requirements-dev.txt)")
+    if "trl" not in args.skip and importlib.util.find_spec("trl") is None:
+        raise SystemExit("error: --organism needs TRL (pip install -r requirements-dev.txt), or --skip trl")
     o = bench_organism(args)
-    result = {"organism": o, "organism_train_s": o["ours"]["train_s"], "organism_train_s_trl": o["trl"]["train_s"],
-              "organism_speedup_vs_trl": o["speedup_vs_trl"], "organism_accuracy": o["ours"]["accuracy"],
-              "organism_accuracy_trl": o["trl"]["accuracy"],
+    result = {"organism": o, "organism_train_s": o["ours"]["train_s"], "organism_accuracy": o["ours"]["accuracy"],
               "env": {"torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}}
+    if "trl" in o:
+        result.update(organism_train_s_trl=o["trl"]["train_s"], organism_speedup_vs_trl=o["speedup_vs_trl"],
+                      organism_accuracy_trl=o["trl"]["accuracy"])
     print(f"\n{'side':10s} {'train s':>8s} {'run s':>8s} {'tokens/s':>9s} {'peak MiB':>9s} {'accuracy':>9s} (sd over seeds)")
     for side in ("ours", "trl", "baseline"):
         if side in o:
             x = o[side]
             print(f"{side:10s} {x['train_s']:8.1f} {x['wall_s']:8.1f} {x['tokens_per_s']:9.0f} "
                   f"{x['peak_rss_bytes'] / 2**20:9.0f} {x['accuracy']:9.3f} ({x['accuracy_sd']:.3f})")
-    print(f"training {o['speedup_vs_trl']:.2f}x faster than TRL + PEFT (whole runs {o['speedup_vs_trl_wall']:.2f}x)"
-          + (f"; {o['speedup_vs_baseline_wall']:.2f}x the baseline's whole run" if args.baseline else ""))
+    if "trl" in o:
+        print(f"training {o['speedup_vs_trl']:.2f}x faster than TRL + PEFT (whole runs {o['speedup_vs_trl_wall']:.2f}x)")
+    if args.baseline:
+        print(f"whole runs {o['speedup_vs_baseline_wall']:.2f}x faster than the baseline's (training "
+              f"{o['speedup_vs_baseline_train']:.2f}x)")
     if args.json:
         rundir.atomic_json(args.json, result)
     return result

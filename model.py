@@ -133,11 +133,9 @@ class Attention(nn.Module):
         # bias: (B, 1, T, S) additive mask, or None for plain causal attention without padding or cache
         if isinstance(kv, KVCache):
             # With a cache (prefill and decoding), the g = n_head / n_kv query heads of a KV head become g*T
-            # queries of that head (same keys, the mask repeated), so each cached key is read once per KV
-            # head, not g times; a decode step's T is the K samples of a prompt (KVCache).
-            g = self.n_head // self.n_kv
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, g * T, self.hd), k, v,
-                                               attn_mask=bias if T == 1 else bias.repeat(1, 1, g, 1))
+            # queries of that head (same keys; bias is the mask repeated g times, hidden_states), so each
+            # cached key is read once per KV head, not g times; a decode step's T is a prompt's K samples.
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.hd), k, v, attn_mask=bias)
             y = y.view(B, self.n_head, T, self.hd)
         else:  # GQA: SDPA's enable_gqa shares each KV head across n_head / n_kv query heads without a copy
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None,
@@ -227,6 +225,8 @@ class Qwen2(nn.Module):
         if isinstance(kv, KVCache):  # positions and the additive mask (B, 1, T, S) come from the cache
             positions, bias = kv.append(mask, per_sample)
             cos, sin = kv.rope[positions].unbind(2)  # looked up in the table it computed once
+            if T > 1:  # once for every layer: query i*T + t of a KV head (Attention) is token t's
+                bias = bias.repeat(1, 1, self.config.num_attention_heads // self.config.num_key_value_heads, 1)
         else:
             if isinstance(kv, SharedPrompts):  # after the prompts: keys (B, Tp + T), positions from Tp's count
                 start, key_mask = kv.continuing(mask)
