@@ -431,6 +431,96 @@ def bench_organism(args) -> dict:
     return res
 
 
+def bench_organism_step(args) -> dict:
+    """Where one organism GRPO step's time goes (the preset: 8 prompts x 8 samples, r = 8, one thread):
+    sampling, the learn step's forward and backward (on shared prompts cut per micro-batch, and on the
+    whole padded sequences the learn step ran before, interleaved on the same rollout), the optimiser,
+    the profiler, one batch of the final evaluation, and padding: positions computed per token that
+    counts (each prompt once, each completion's real tokens)."""
+    import config
+    import grpo
+    import gsm8k
+    import organism
+    torch.set_num_threads(1)
+    cfg, _ = config.parse_args(["--preset", "organism"])
+    folder = organism.build(log=lambda m: print(m, flush=True))
+    tok, model = M.load_tokenizer(folder), M.from_pretrained(folder)
+    model.requires_grad_(False)
+    torch.manual_seed(0)
+    lora.apply_lora(model, r=cfg.rank, alpha=cfg.alpha)
+    train_set, test_set = config.load_data(cfg)
+    examples = gsm8k.step_problems(train_set, 0, 0, cfg.prompts_per_step)
+    prompts = [tok.encode(gsm8k.prompt_text(ex.question, tok.chat)) for ex in examples]
+    gcfg = config.sub_config(grpo.GRPOConfig, cfg)
+    rewards = {"correct": lambda text, ex: gsm8k.correct_reward(text, ex.gold),
+               "format": lambda text, ex: gsm8k.format_reward(text, cfg.format_strict)}
+    weights = {"correct": cfg.reward_correct, "format": cfg.reward_format}
+    batch = grpo.rollout(model, tok, prompts, examples, rewards, weights, gcfg, torch.Generator().manual_seed(0))
+    N, Tc = batch.ids.shape
+    adv = torch.randn(N, generator=torch.Generator().manual_seed(1))
+    ids, attn = batch.sequences()
+    chunks = grpo.micro_batches(N, gcfg.micro_batch)
+    opt = torch.optim.AdamW(lora.lora_parameters(model), lr=cfg.lr)
+    prof = GradientProfiler(model)
+
+    def learn(shared: bool) -> tuple[float, float]:
+        fwd = bwd = 0.0
+        for s in chunks:
+            t = time.perf_counter()
+            logp = (grpo.logprobs(model, batch, s, False, 1.0)[0] if shared
+                    else M.completion_logprobs(model, ids[s], attn[s], Tc)[0])
+            loss = -(logp * adv[s, None] * batch.mask[s]).sum() / N
+            t1 = time.perf_counter()
+            loss.backward()
+            fwd, bwd = fwd + t1 - t, bwd + time.perf_counter() - t1
+        return fwd, bwd
+
+    def rest() -> tuple[float, float]:  # (profiler, optimiser) seconds
+        t = time.perf_counter()
+        prof.record()
+        t1 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return t1 - t, time.perf_counter() - t1
+
+    def sample() -> float:
+        t = time.perf_counter()
+        grpo.rollout(model, tok, prompts, examples, rewards, weights, gcfg, torch.Generator().manual_seed(0))
+        return time.perf_counter() - t
+
+    runs = {"shared": [], "whole": [], "rest": [], "sample": []}
+    for _ in range(args.repeats):
+        runs["sample"].append(sample())
+        for way in ("shared", "whole"):
+            runs[way].append(learn(way == "shared"))
+            runs["rest"].append(rest())
+    res = {"sample_s": statistics.median(runs["sample"])}
+    for way in ("shared", "whole"):
+        res[f"learn_{way}_forward_s"] = statistics.median(f for f, _ in runs[way])
+        res[f"learn_{way}_backward_s"] = statistics.median(b for _, b in runs[way])
+    res["profiler_s"] = statistics.median(p for p, _ in runs["rest"])
+    res["optimizer_s"] = statistics.median(o for _, o in runs["rest"])
+    K = cfg.num_generations
+    real = int(batch.prompt_attn.sum()) + int(batch.attn.sum())
+    computed = 0
+    for s in chunks:
+        g = slice(s.start // K, (s.stop - 1) // K + 1)
+        tp = int(batch.prompt_attn[g].any(0).sum())
+        computed += (g.stop - g.start) * tp + (s.stop - s.start) * int(batch.attn[s].sum(-1).max())
+    res["positions_per_token_shared"] = computed / real
+    res["positions_per_token_whole"] = N * ids.shape[1] / real
+    problems = gsm8k.subset(test_set, cfg.eval_batch)
+    t = time.perf_counter()
+    with lora.merged(model):
+        evaluate.evaluate(model, tok, problems, max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch)
+    res["eval_batch_s"] = time.perf_counter() - t
+    for k, v in res.items():
+        print(f"{k:32s} {v:8.3f}")
+    if args.json:
+        rundir.atomic_json(args.json, {"organism_step": res})
+    return res
+
+
 def organism_main(args) -> dict:
     """`--organism`: bench_organism's table, and its means under the JSON keys BENCH.md quotes."""
     if args.seeds < 1 or args.jobs < 1:
@@ -569,6 +659,8 @@ def main(argv=None):
     # bench.py runs some measurements in a fresh process of its own (peak memory, whole GRPO steps)
     ap.add_argument("--organism", action="store_true", help="the whole organism run, train.py against TRL's "
                     "GRPOTrainer + PEFT (--seeds runs each), time and accuracy; nothing else is measured")
+    ap.add_argument("--organism-step", action="store_true", help="where one organism GRPO step's time goes, "
+                    "phase by phase, the learn step beside the whole-sequence one it replaced")
     ap.add_argument("--seeds", type=int, default=3, help="--organism: runs per side")
     ap.add_argument("--jobs", type=int, default=2, help="--organism: runs at once (each is one thread)")
     ap.add_argument("--baseline", metavar="DIR", help="--organism: also time the train.py of this checkout "
@@ -586,6 +678,8 @@ def main(argv=None):
         return {"cpu-peak": cpu_peak_child, "grpo-step": grpo_child, "organism-trl": organism_trl_child}[args.child](args)
     if args.organism:
         return organism_main(args)
+    if args.organism_step:
+        return bench_organism_step(args)
     result = {"shape": args.shape, "device": str(device), "dtype": args.dtype,
               "env": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                       "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
