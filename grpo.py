@@ -50,7 +50,8 @@ import torch.nn.functional as F
 import lora
 import parallel
 from generate import generate
-from model import completion_logprobs_shared, left_pad
+from logprobs import completion_logprobs_shared
+from model import left_pad
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 

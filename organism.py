@@ -56,6 +56,7 @@ from fractions import Fraction
 import torch
 
 import gsm8k
+import logprobs
 import model as qwen
 import rundir
 import sft
@@ -214,7 +215,7 @@ def pretrain(recipe: Recipe, tok: qwen.Tokenizer, train: list[gsm8k.Example], lo
     t0 = time.perf_counter()
     for step in range(recipe.sft_steps):
         ids, attn, mask = sft.sft_batch(tok, rng.sample(targets, recipe.batch), "cpu")
-        logp, _ = qwen.completion_logprobs(m, ids, attn, mask.shape[1])
+        logp, _ = logprobs.completion_logprobs(m, ids, attn, mask.shape[1])
         loss = -torch.where(mask, logp, 0.0).sum() / mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)

@@ -15,7 +15,7 @@ from the model's config.json and the run's settings (`python train.py --plan`; e
                           no memory, no weights); attention as SDPA's CPU kernel keeps it (q, k, v, the
                           output and one fp32 number per query and head; on CUDA, see below)
     logits                the micro-batch's logits in --dtype and their gradient, and a few 16 MiB fp32
-                          chunks of them (model.TokenLogProbs)
+                          chunks of them (logprobs.TokenLogProbs)
     evaluation            greedy decoding of --eval-batch problems: the merge's copy, their KV cache
                           (kept, when compiled and --eval-every is set, like sampling's) and the prefill's
                           activations
@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 import allocate
 import config
+import logprobs
 import lora
 import model as qwen
 
@@ -91,7 +92,7 @@ def predict(mcfg: qwen.ModelConfig, ranks: dict[str, int], s: Settings) -> dict[
     mb = min(s.micro_batch, n_rows)
     learn = activation_bytes(mcfg, ranks, s.dtype, prompts_in(mb, n_rows, s.num_generations if s.samples else 1), mb,
                              s.prompt_tokens, s.max_new_tokens, s.grad_checkpointing, s.dropout)
-    logits = 2 * mb * (s.max_new_tokens + 1) * V * b + CHUNKS * qwen.LOGIT_CHUNK_BYTES
+    logits = 2 * mb * (s.max_new_tokens + 1) * V * b + CHUNKS * logprobs.LOGIT_CHUNK_BYTES
     # the prefill's activations, one layer alive at a time and no graph (generate runs under no_grad)
     prefill = lambda rows: rows * s.prompt_tokens * (3 * f + 4 * d) * b
     kept = (kv if s.keep_kv_cache else 0) + (eval_kv if s.keep_kv_cache and s.eval_every else 0)
@@ -183,7 +184,7 @@ def _trace(cfg: qwen.ModelConfig, dtype: torch.dtype, rows: int, prompt_tokens: 
     meta = dict(dtype=torch.long, device="meta")
     prompt, ids = torch.zeros(1, prompt_tokens, **meta), torch.zeros(rows, n_completion, **meta)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), flash_attention():
-        qwen.completion_logprobs_shared(m, prompt, torch.ones_like(prompt), torch.zeros(rows, **meta), ids,
+        logprobs.completion_logprobs_shared(m, prompt, torch.ones_like(prompt), torch.zeros(rows, **meta), ids,
                                         torch.ones_like(ids))
     return sum(seen.values())
 

@@ -16,7 +16,8 @@ import torch
 
 import parallel
 from gsm8k import prompt_text, reference_completion
-from model import completion_logprobs, left_pad
+from logprobs import completion_logprobs
+from model import left_pad
 
 
 def sft_batch(tokenizer, examples: list, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ import random
 import torch
 
 import gsm8k
+import logprobs
 import model as qwen
 import sft
 
@@ -54,7 +55,7 @@ def build_tiny_model(folder: str, seed: int = 0, warmup_steps: int = 40) -> str:
     torch.set_num_threads(1)  # the same float summation order whatever the machine: the same model
     for _ in range(warmup_steps):  # full-parameter SFT, in this process alone (no data parallelism)
         ids, attn, mask = sft.sft_batch(tok, rng.sample(problems, 16), "cpu")
-        logp, _ = qwen.completion_logprobs(m, ids, attn, mask.shape[1])
+        logp, _ = logprobs.completion_logprobs(m, ids, attn, mask.shape[1])
         (-torch.where(mask, logp, 0.0).sum() / mask.sum()).backward()
         opt.step()
         opt.zero_grad()

@@ -139,7 +139,7 @@ def test_compiled_calls_with_other_settings_get_their_own_graph(hf_pair):
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_sampler_logprobs_are_the_tokens_log_softmax_at_the_temperature(hf_pair, temperature):
     """Each drawn token's log-prob is log softmax(logits / T) of a full forward over the sequence: what the
-    learner computes (model.completion_logprobs), so the two policies can be compared token for token."""
+    learner computes (logprobs.completion_logprobs), so the two policies can be compared token for token."""
     _, folder = hf_pair
     ours = M.from_pretrained(folder)
     prompts = [[5, 9, 2, 7], [8, 4, 6]]

@@ -9,6 +9,7 @@ import torch
 
 import grpo as R
 import lora as L
+import logprobs as LP
 import model as M
 from conftest import adamw, grpo_step, learn
 
@@ -159,7 +160,7 @@ def test_completion_logprobs_equal_a_full_forward():
     ids = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(1))
     attn = torch.ones_like(ids)
     attn[1, :2] = 0
-    logp, ent = M.completion_logprobs(m, ids, attn, 4, entropy=True)
+    logp, ent = LP.completion_logprobs(m, ids, attn, 4, entropy=True)
     full = m(ids, attn).log_softmax(-1)
     for i in range(3):
         for j in range(4):
@@ -258,7 +259,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
         m.gradient_checkpointing = ckpt
-        M.completion_logprobs(m, ids, attn, 4)[0].sum().backward()
+        LP.completion_logprobs(m, ids, attn, 4)[0].sum().backward()
         grads.append([p.grad.clone() for p in L.lora_parameters(m)])
         m.zero_grad()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
@@ -306,7 +307,7 @@ def test_the_learner_computes_the_samplers_distribution(temperature):
             p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
     cfg = R.GRPOConfig(num_generations=4, max_new_tokens=8, temperature=temperature, micro_batch=3)
     batch = toy_rollout(m, cfg)
-    learner, _ = M.completion_logprobs(m, *batch.sequences(), batch.mask.shape[1], temperature=temperature)
+    learner, _ = LP.completion_logprobs(m, *batch.sequences(), batch.mask.shape[1], temperature=temperature)
     gap = (learner - batch.sampler_logp)[batch.mask]
     assert gap.abs().max() < 1e-5, gap.abs().max()
     stats = learn(m, batch, cfg, adamw(m, 0.0))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lora as L
+import logprobs as LP
 import model as M
 import plan
 from conftest import ROOT
@@ -45,7 +46,7 @@ def test_the_traced_bytes_are_what_autograd_keeps():
     prompt_mask[0, :5] = 0  # left padding, as GRPO's batches have
     mask[1, 20:] = 0  # a completion that stopped early
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        M.completion_logprobs_shared(m, prompts, prompt_mask, torch.tensor([0, 0, 0, 1, 1]), ids, mask)
+        LP.completion_logprobs_shared(m, prompts, prompt_mask, torch.tensor([0, 0, 0, 1, 1]), ids, mask)
     assert sum(seen.values()) == plan.activation_bytes(mcfg, ranks, torch.float32, 2, 5, 15, 25, False)
     assert plan.prompts_in(16, 64, 8) == 2 and plan.prompts_in(4, 8, 4) == 1 and plan.prompts_in(3, 8, 4) == 2
 

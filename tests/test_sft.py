@@ -4,6 +4,7 @@ import torch
 
 import gsm8k
 import lora as L
+import logprobs as LP
 import model as M
 import sft
 from conftest import adamw, make_tiny_checkpoint
@@ -34,7 +35,7 @@ def test_loss_is_the_token_mean_and_it_learns(tmp_path):
     batch = problems[:8]
     ids, attn, mask = sft.sft_batch(tok, batch, "cpu")
     with torch.no_grad():
-        logp, _ = M.completion_logprobs(model, ids, attn, mask.shape[1])
+        logp, _ = LP.completion_logprobs(model, ids, attn, mask.shape[1])
         expected = -(logp[mask]).mean().item()
     opt = adamw(model, 3e-2)
 

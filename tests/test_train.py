@@ -510,15 +510,17 @@ def test_the_imports_go_one_way_as_the_readme_says():
     import glob
     expected = {
         "model": [], "gsm8k": [], "parallel": [], "rundir": [], "generate": ["model"], "lora": ["rundir"],
-        "evaluate": ["generate", "gsm8k"], "grpo": ["generate", "lora", "model", "parallel"],
-        "sft": ["gsm8k", "model", "parallel"], "profiler": ["lora", "rundir"], "allocate": ["rundir"],
+        "evaluate": ["generate", "gsm8k"], "grpo": ["generate", "logprobs", "lora", "model", "parallel"],
+        "logprobs": ["model"], "sft": ["gsm8k", "logprobs", "model", "parallel"], "profiler": ["lora", "rundir"],
+        "allocate": ["rundir"],
         "dynamic": ["allocate", "lora", "profiler"], "checkpoint": ["lora", "rundir"],
         "config": ["allocate", "grpo", "gsm8k", "lora", "model", "organism", "rundir", "tiny"],
-        "tiny": ["gsm8k", "model", "sft"],
-        "organism": ["gsm8k", "model", "rundir", "sft", "tiny"], "study": ["config", "organism", "rundir", "study_report"],
+        "tiny": ["gsm8k", "logprobs", "model", "sft"],
+        "organism": ["gsm8k", "logprobs", "model", "rundir", "sft", "tiny"], "study": ["config", "organism", "rundir", "study_report"],
         "study_report": ["profiler", "report", "rundir", "stats"], "stats": [],
-        "report": ["profiler", "rundir", "stats"], "plan": ["allocate", "config", "grpo", "lora", "model"], "bench": ["config", "evaluate", "generate", "grpo", "gsm8k", "lora", "model", "organism", "profiler", "rundir",
-                  "tiny"],
+        "report": ["profiler", "rundir", "stats"], "plan": ["allocate", "config", "grpo", "logprobs", "lora", "model"], "bench": ["bench_organism", "generate", "grpo", "logprobs", "lora", "model", "profiler", "rundir"],
+        "bench_organism": ["config", "evaluate", "grpo", "gsm8k", "logprobs", "lora", "model", "organism", "profiler",
+                           "rundir", "tiny"],
     }
     files = sorted(glob.glob(os.path.join(ROOT, "*.py")))
     names = {os.path.basename(f)[:-3] for f in files}
@@ -637,6 +639,7 @@ def test_a_bf16_run_on_the_cpu_trains_with_log_probs_close_to_fp32(tmp_path):
     and the tiny model's bf16 log-probs are within 0.1 nats of fp32's (0.044 at most, 0.011 on average,
     measured: bf16 keeps 8 bits of mantissa on logits of about 10)."""
     from safetensors.torch import load_file
+    import logprobs as LP
     import model as M
     p = run(["--preset", "tiny", "--dtype", "bf16", "--steps", "3", "--eval-n", "8", "--eval-every", "0",
              "--out", "runs/bf16"], tmp_path)
@@ -646,7 +649,7 @@ def test_a_bf16_run_on_the_cpu_trains_with_log_probs_close_to_fp32(tmp_path):
     assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # B moved from 0: it trained
     folder = str(tmp_path / "runs/bf16/tiny-model")
     ids = torch.randint(0, 300, (4, 40), generator=torch.Generator().manual_seed(0))
-    lp = {d: M.completion_logprobs(M.from_pretrained(folder, device="cpu", dtype=d), ids, None, 30)[0].detach()
+    lp = {d: LP.completion_logprobs(M.from_pretrained(folder, device="cpu", dtype=d), ids, None, 30)[0].detach()
           for d in (torch.float32, torch.bfloat16)}
     assert (lp[torch.float32] - lp[torch.bfloat16]).abs().max() < 0.1
 
