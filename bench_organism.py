@@ -16,6 +16,10 @@ Left out: TRL with vLLM or on a GPU; runs of the full study (Qwen2.5-1.5B).
 
 from __future__ import annotations
 
+import concurrent.futures
+import importlib.util
+import json
+import math
 import os
 import platform
 import statistics
@@ -23,14 +27,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from fractions import Fraction
 
 import torch
 
+import config
 import evaluate
+import grpo
+import gsm8k
 import logprobs as LP
 import lora
 import model as M
+import organism
 import rundir
+import stats
+import tiny
 from profiler import GradientProfiler
 
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
@@ -43,14 +54,11 @@ def runs(args) -> dict:
     the train.py of `--baseline`, another checkout, when given), each run a one-thread process, `--jobs`
     at a time in the order ours, TRL, ours, ...; both adapters are scored by our greedy evaluation on
     the same 500 problems. Returns each run's figures and their means per side."""
-    import concurrent.futures
-    import json
     here = os.path.dirname(os.path.abspath(__file__))
     sides = ["ours"] + (["trl"] if "trl" not in args.skip else []) + (["baseline"] if args.baseline else [])
     jobs = [(side, seed) for seed in range(args.seeds) for side in sides]
     tmp = tempfile.TemporaryDirectory()
     if args.preset == "organism":
-        import organism
         organism.build(log=lambda m: print(m, flush=True))  # once, before any run (a fresh machine builds it)
 
     def one(job):
@@ -102,10 +110,26 @@ def runs(args) -> dict:
     if "trl" in res:
         res["speedup_vs_trl"] = res["trl"]["train_s"] / res["ours"]["train_s"]
         res["speedup_vs_trl_wall"] = res["trl"]["wall_s"] / res["ours"]["wall_s"]
+        res["accuracy_vs_trl"] = accuracy_difference([r["accuracy"] for r in runs if r["side"] == "ours"],
+                                                     [r["accuracy"] for r in runs if r["side"] == "trl"])
     if args.baseline:
         res["speedup_vs_baseline_wall"] = res["baseline"]["wall_s"] / res["ours"]["wall_s"]
         res["speedup_vs_baseline_train"] = res["baseline"]["train_s"] / res["ours"]["train_s"]
     return res
+
+
+def accuracy_difference(ours: list[float], theirs: list[float]) -> dict:
+    """Ours minus theirs over seeds, unpaired (the two sides draw different random streams): the mean,
+    Welch's 95% interval, and the difference a two-sided test would find with 80% power at this spread."""
+    if min(len(ours), len(theirs)) < 2:
+        return {"mean": statistics.mean(ours) - statistics.mean(theirs)}
+    va, vb = statistics.variance(ours) / len(ours), statistics.variance(theirs) / len(theirs)
+    se = math.sqrt(va + vb)
+    df = max(1, int((va + vb) ** 2 / (va ** 2 / (len(ours) - 1) + vb ** 2 / (len(theirs) - 1))))  # Welch, floored
+    mean = statistics.mean(ours) - statistics.mean(theirs)
+    half = stats.t_ppf(0.975, df) * se
+    return {"mean": mean, "ci95": (mean - half, mean + half), "df": df,
+            "detectable": (stats.t_ppf(0.975, df) + stats.t_ppf(0.8, df)) * se}
 
 
 def step_profile(args) -> dict:
@@ -114,10 +138,6 @@ def step_profile(args) -> dict:
     whole padded sequences the learn step ran before, interleaved on the same rollout), the optimiser,
     the profiler, one batch of the final evaluation, and padding: positions computed per token that
     counts (each prompt once, each completion's real tokens)."""
-    import config
-    import grpo
-    import gsm8k
-    import organism
     torch.set_num_threads(1)
     cfg, _ = config.parse_args(["--preset", "organism"])
     folder = organism.build(log=lambda m: print(m, flush=True))
@@ -204,23 +224,30 @@ def main(args) -> dict:
         raise SystemExit(f"error: --seeds ({args.seeds}) and --jobs ({args.jobs}) must be >= 1")
     if args.baseline and not os.path.isfile(os.path.join(args.baseline, "train.py")):
         raise SystemExit(f"error: --baseline {args.baseline}: no train.py there (a checkout of this project)")
-    import importlib.util
     if "trl" not in args.skip and importlib.util.find_spec("trl") is None:
         raise SystemExit("error: --organism needs TRL (pip install -r requirements-dev.txt), or --skip trl")
     o = runs(args)
     result = {"organism": o, "organism_train_s": o["ours"]["train_s"], "organism_accuracy": o["ours"]["accuracy"],
-              "env": {"torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}}
+              "env": {"torch": torch.__version__, "python": platform.python_version(),
+                      "date": time.strftime("%Y-%m-%d")}}
     if "trl" in o:
         result.update(organism_train_s_trl=o["trl"]["train_s"], organism_speedup_vs_trl=o["speedup_vs_trl"],
                       organism_accuracy_trl=o["trl"]["accuracy"])
-    print(f"\n{'side':10s} {'train s':>8s} {'run s':>8s} {'tokens/s':>9s} {'peak MiB':>9s} {'accuracy':>9s} (sd over seeds)")
+    print(f"\n{'side':10s} {'train s':>8s} {'run s':>8s} {'tokens/s':>9s} {'peak MiB':>9s} {'accuracy':>9s} "
+          f"(sd over seeds)")
     for side in ("ours", "trl", "baseline"):
         if side in o:
             x = o[side]
             print(f"{side:10s} {x['train_s']:8.1f} {x['wall_s']:8.1f} {x['tokens_per_s']:9.0f} "
                   f"{x['peak_rss_bytes'] / 2**20:9.0f} {x['accuracy']:9.3f} ({x['accuracy_sd']:.3f})")
     if "trl" in o:
-        print(f"training {o['speedup_vs_trl']:.2f}x faster than TRL + PEFT (whole runs {o['speedup_vs_trl_wall']:.2f}x)")
+        print(f"training {o['speedup_vs_trl']:.2f}x faster than TRL + PEFT (whole runs "
+              f"{o['speedup_vs_trl_wall']:.2f}x)")
+        d = o["accuracy_vs_trl"]
+        if "ci95" in d:
+            print(f"accuracy, ours minus TRL's over seeds: {100 * d['mean']:+.1f} points, 95% interval "
+                  f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]; detectable at this spread: "
+                  f"{100 * d['detectable']:.1f}")
     if args.baseline:
         print(f"whole runs {o['speedup_vs_baseline_wall']:.2f}x faster than the baseline's (training "
               f"{o['speedup_vs_baseline_train']:.2f}x)")
@@ -233,22 +260,16 @@ def trl_child(args):
     """`bench.py --child organism-trl`: the organism preset's run with TRL's GRPOTrainer + PEFT (every setting that
     both have, aligned; BENCH.md lists what differs), then our evaluation of its adapter; prints one
     JSON line."""
-    import json
-    from fractions import Fraction
 
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from trl import GRPOConfig, GRPOTrainer
 
-    import config
-    import evaluate
-    import gsm8k
-    import organism
-    import tiny
     torch.set_num_threads(1)
     cfg, _ = config.parse_args(["--preset", args.preset, "--seed", str(args.seed)])
-    folder = organism.build() if args.preset == "organism" else tiny.build_tiny_model(os.path.join(args.model_dir, "model"))
+    folder = (organism.build() if args.preset == "organism"
+              else tiny.build_tiny_model(os.path.join(args.model_dir, "model")))
     tok = M.load_tokenizer(folder)
     train_set, test_set = config.load_data(cfg)
     B, K = cfg.prompts_per_step, cfg.num_generations

@@ -28,8 +28,9 @@ What it implements, in the order of the paper's objective (train.py's loop calls
   6. backward() backpropagates in micro-batches (the normalisers are computed over the whole batch, so
      the sum of the micro-batch losses is exactly the batch loss). Each prompt's forward runs once for
      the K completions that continue it (model.SharedPrompts), and each micro-batch is cut to its own
-     longest prompt and completion: the same log-probs to rounding, a fraction of the work. What follows the backward pass, the
-     gradient all-reduce, the profiler's record(), clipping and the optimiser step, is train.py's.
+     longest prompt and completion: the same log-probs to rounding, a fraction of the work. What
+     follows the backward pass, the gradient all-reduce, the profiler's record(), clipping and the
+     optimiser step, is train.py's.
   `clip_frac` counts the clipping that is active (ρ > 1+ε_high with A > 0, ρ < 1-ε_low with A < 0),
   as TRL's clip_ratio/region_mean does.
 

@@ -218,8 +218,9 @@ class Qwen2(nn.Module):
         shape = input_ids.shape
         mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.to(torch.bool))
-        per_sample = isinstance(kv, KVCache) and shape[1] == 1
-        if per_sample:  # one new token per sample [B*K, 1]: to the model, a row of K tokens per prompt
+        # after the prompts (a compiled step is always a decode step), one new token per sample [B*K, 1]
+        per_sample = isinstance(kv, KVCache) and shape[1] == 1 and (torch.compiler.is_compiling() or kv.filled > 0)
+        if per_sample:  # to the model, a row of K tokens per prompt
             input_ids, mask = input_ids.view(kv.rows, kv.samples), mask.view(kv.rows, kv.samples)
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, C)

@@ -174,3 +174,18 @@ def test_samples_sharing_their_prompts_cache_see_only_their_own_tokens(hf_pair, 
             logits = hf(torch.tensor([p + out[i, :n].tolist()])).logits[0, len(p) - 1:-1]
         want = logits.log_softmax(-1).gather(-1, out[i, :n, None])[:, 0]
         assert torch.allclose(logp[i, :n], want, atol=1e-5), i
+
+
+def test_one_token_prompts_are_prefilled_as_prompts():
+    """A batch of one-token prompts is the prefill (B rows), not a decode step of K samples (B*K rows)."""
+    ours = M.Qwen2(M.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    ours.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    out, mask, logp = G.generate(ours, [[5], [9]], max_new_tokens=4, stop_ids=[1], pad_id=0, num_samples=3,
+                                 temperature=1.0, generator=torch.Generator().manual_seed(1))
+    assert out.shape[0] == 6  # 2 prompts x 3 samples
+    for i in range(6):
+        n = int(mask[i].sum())
+        with torch.no_grad():
+            full = ours(torch.tensor([[(5, 9)[i // 3]] + out[i, :n].tolist()]))[0, :-1].log_softmax(-1)
+        assert torch.allclose(logp[i, :n], full.gather(-1, out[i, :n, None])[:, 0], atol=1e-5)
