@@ -57,13 +57,12 @@ def runs(args) -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     sides = ["ours"] + (["trl"] if "trl" not in args.skip else []) + (["baseline"] if args.baseline else [])
     jobs = [(side, seed) for seed in range(args.seeds) for side in sides]
-    tmp = tempfile.TemporaryDirectory()
     if args.preset == "organism":
         organism.build(log=lambda m: print(m, flush=True))  # once, before any run (a fresh machine builds it)
 
-    def one(job):
+    def one(job, tmp: str):
         side, seed = job
-        out = os.path.join(tmp.name, f"{side}-{seed}")
+        out = os.path.join(tmp, f"{side}-{seed}")
         if side == "trl":
             cmd = [sys.executable, BENCH, "--child", "organism-trl", "--seed", str(seed),
                    "--model-dir", out, "--preset", args.preset]
@@ -76,9 +75,10 @@ def runs(args) -> dict:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
         text = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, usage = os.wait4(proc.pid, 0)  # its own peak memory (ru_maxrss), which Popen.wait drops
         wall = time.perf_counter() - t
-        if status != 0:
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
             raise RuntimeError(f"{side} seed {seed} failed:\n{text[-3000:]}")
         if side == "trl":
             r = json.loads(text.strip().splitlines()[-1])
@@ -97,12 +97,11 @@ def runs(args) -> dict:
               f"accuracy {r['accuracy']:.3f}, peak {r['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
         return r
 
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(one, jobs))
-    tmp.cleanup()
-    res = {"runs": runs, "seeds": args.seeds, "jobs": args.jobs}
+    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        done = list(pool.map(lambda job: one(job, tmp), jobs))
+    res = {"runs": done, "seeds": args.seeds, "jobs": args.jobs}
     for side in sides:
-        mine = [r for r in runs if r["side"] == side]
+        mine = [r for r in done if r["side"] == side]
         res[side] = {k: statistics.mean(r[k] for r in mine) for k in ORGANISM_KEYS}
         k, n = sum(r["correct"] for r in mine), sum(r["n"] for r in mine)
         res[side]["accuracy_sd"] = statistics.stdev(r["accuracy"] for r in mine) if len(mine) > 1 else 0.0
@@ -110,8 +109,8 @@ def runs(args) -> dict:
     if "trl" in res:
         res["speedup_vs_trl"] = res["trl"]["train_s"] / res["ours"]["train_s"]
         res["speedup_vs_trl_wall"] = res["trl"]["wall_s"] / res["ours"]["wall_s"]
-        res["accuracy_vs_trl"] = accuracy_difference([r["accuracy"] for r in runs if r["side"] == "ours"],
-                                                     [r["accuracy"] for r in runs if r["side"] == "trl"])
+        res["accuracy_vs_trl"] = accuracy_difference([r["accuracy"] for r in done if r["side"] == "ours"],
+                                                     [r["accuracy"] for r in done if r["side"] == "trl"])
     if args.baseline:
         res["speedup_vs_baseline_wall"] = res["baseline"]["wall_s"] / res["ours"]["wall_s"]
         res["speedup_vs_baseline_train"] = res["baseline"]["train_s"] / res["ours"]["train_s"]
@@ -185,18 +184,18 @@ def step_profile(args) -> dict:
         grpo.rollout(model, tok, prompts, examples, rewards, weights, gcfg, torch.Generator().manual_seed(0))
         return time.perf_counter() - t
 
-    runs = {"shared": [], "whole": [], "rest": [], "sample": []}
+    times = {"shared": [], "whole": [], "rest": [], "sample": []}
     for _ in range(args.repeats):
-        runs["sample"].append(sample())
+        times["sample"].append(sample())
         for way in ("shared", "whole"):
-            runs[way].append(learn(way == "shared"))
-            runs["rest"].append(rest())
-    res = {"sample_s": statistics.median(runs["sample"])}
+            times[way].append(learn(way == "shared"))
+            times["rest"].append(rest())
+    res = {"sample_s": statistics.median(times["sample"])}
     for way in ("shared", "whole"):
-        res[f"learn_{way}_forward_s"] = statistics.median(f for f, _ in runs[way])
-        res[f"learn_{way}_backward_s"] = statistics.median(b for _, b in runs[way])
-    res["profiler_s"] = statistics.median(p for p, _ in runs["rest"])
-    res["optimizer_s"] = statistics.median(o for _, o in runs["rest"])
+        res[f"learn_{way}_forward_s"] = statistics.median(f for f, _ in times[way])
+        res[f"learn_{way}_backward_s"] = statistics.median(b for _, b in times[way])
+    res["profiler_s"] = statistics.median(p for p, _ in times["rest"])
+    res["optimizer_s"] = statistics.median(o for _, o in times["rest"])
     K = cfg.num_generations
     real = int(batch.prompt_attn.sum()) + int(batch.attn.sum())
     computed = 0
