@@ -303,7 +303,11 @@ def trl_child(args):
                          top_p=cfg.top_p, mask_truncated_completions=cfg.mask_truncated,
                          reward_weights=[cfg.reward_correct, cfg.reward_format], shuffle_dataset=False,
                          seed=cfg.seed, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no",
-                         disable_tqdm=True)
+                         disable_tqdm=True,
+                         # TRL's own defaults differ from the Trainer's: checkpointing and bf16 autocast on,
+                         # which our run has off (fp32, nothing recomputed)
+                         gradient_checkpointing=False, bf16=False)
+    assert not (trl_cfg.gradient_checkpointing or trl_cfg.bf16 or trl_cfg.fp16), "TRL must run as ours: fp32, no recompute"
     trainer = GRPOTrainer(model=model, reward_funcs=[correct, fmt], args=trl_cfg, train_dataset=data,
                           processing_class=hf_tok, optimizers=(opt, sched))
     t = time.perf_counter()
