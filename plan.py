@@ -26,7 +26,11 @@ sampling, learn and evaluation phases. Assumed, since the settings do not say: e
 taken as that long too) and prompts are PROMPT_TOKENS long; a compiled decoder's cache is rounded up to
 a multiple of 256 tokens, as generate.py does (prompts of other lengths may add a bucket each). Not
 counted: the allocator's fragmentation and CUDA's own context (a few hundred MiB, which is why the
-fitting search leaves MARGIN free), the data and the gradient profile (kilobytes a step).
+fitting search leaves MARGIN free), the data and the gradient profile (kilobytes a step), and with
+--grad-checkpointing the prompts' keys and values of every layer, which the checkpointed blocks keep
+alive until backward (2 x layers x prompts x prompt tokens x KV width: about 29 MiB at the study's shape
+with micro-batch 16, under 1% of the peak). SFT is planned as one completion per prompt, which
+overestimates its whole-sequence pass slightly.
 
 Attention is counted as SDPA's CPU kernel keeps it, which the tests check against a measurement. On
 CUDA, a masked grouped-query attention may run another kernel (cuDNN, or the math kernel, which keeps
