@@ -137,7 +137,7 @@ def activation_bytes(mcfg: qwen.ModelConfig, ranks: dict[str, int], dtype: torch
     """What autograd keeps for backward over one micro-batch of `rows` completions continuing `prompts`
     prompts, logits aside: our forward traced on the meta device with one and with two layers (the
     layers are alike, so the rest is arithmetic), at rank 1 everywhere, plus each adapter's r-wide
-    product (4 bytes a token per unit of rank)."""
+    product (4 bytes a token per unit of rank) where it is not folded into the weight."""
     # every saved tensor is per prompt or per completion: trace 1 prompt with 1 and with 2 completions
     def per(layers):
         one, two = (saved_bytes(mcfg, layers, dtype, n, prompt_tokens, n_completion, dropout) for n in (1, 2))
@@ -146,7 +146,9 @@ def activation_bytes(mcfg: qwen.ModelConfig, ranks: dict[str, int], dtype: torch
     per_layer, outside = two - one, 2 * one - two
     L = mcfg.num_hidden_layers
     tokens = prompts * prompt_tokens + rows * n_completion
-    lora_extra = 4 * tokens * sum(max(r - 1, 0) for r in ranks.values())
+    # an fp32 adapter without dropout is folded into its weight (lora.FoldedLoRA) and keeps no r-wide product
+    folded = dtype == torch.float32 and dropout == 0
+    lora_extra = 0 if folded else 4 * tokens * sum(max(r - 1, 0) for r in ranks.values())
     if not grad_checkpointing:
         return outside + L * per_layer + lora_extra
     # checkpointing keeps each block's input and recomputes one block at a time in backward

@@ -330,3 +330,41 @@ def test_a_bf16_input_is_not_copied_to_fp32_for_backward():
     exact_grad = torch.autograd.grad(exact, xf, g)[0]
     err, plain_err = ((grad.float() - exact_grad).abs().max() for grad in (got[0], want_grads[0]))
     assert err <= 2 * plain_err and plain_err < 0.01 * exact_grad.abs().max()
+
+
+def test_fp32_adapter_is_folded_into_the_weight_with_exact_gradients():
+    """An fp32 base folds s·B·A into its weight (FoldedLoRA): in float64 its gradients pass gradcheck
+    for x, A and B, with a bias, a scale other than 1 and a capacity above the active rank (the unused
+    rows get no gradient); in fp32 it equals the unfolded computation to rounding; a bf16 base, a
+    trainable base or dropout keep the unfolded form."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5, bias=True).double().requires_grad_(False)
+    m = L.LoRALinear(base, r=2, scale=1.5, capacity=3)
+    m.lora_A.weight.data, m.lora_B.weight.data = m.lora_A.weight.double(), torch.randn(5, 3).double()
+    x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, A, B: L.FoldedLoRA.apply(x, base.weight, base.bias, A, B, 1.5),
+                                    (x, m.A.detach().requires_grad_(), m.B.detach().requires_grad_()))
+    m(x).square().sum().backward()
+    assert m.lora_A.weight.grad[2:].eq(0).all() and m.lora_B.weight.grad[:, 2:].eq(0).all()
+
+    def unfolded(m, x):
+        return m.base_layer(x) + torch.nn.functional.linear(torch.nn.functional.linear(x, m.A), m.B) * m.scale
+
+    m32 = L.LoRALinear(torch.nn.Linear(64, 48).requires_grad_(False), r=8, scale=2.0)
+    torch.nn.init.normal_(m32.lora_B.weight)
+    x32 = torch.randn(3, 7, 64, requires_grad=True)
+    g = torch.randn(3, 7, 48)
+    params = [x32, m32.lora_A.weight, m32.lora_B.weight]
+    got, want = m32(x32), unfolded(m32, x32)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+    def folded(m, x):
+        return "FoldedLoRA" in type(m(x).grad_fn).__name__
+
+    assert folded(m32, x32)
+    assert not folded(L.LoRALinear(torch.nn.Linear(64, 48).bfloat16().requires_grad_(False), 8, 2.0),
+                      x32.bfloat16())
+    assert not folded(L.LoRALinear(torch.nn.Linear(64, 48), 8, 2.0), x32)  # the base trains too
+    assert not folded(L.LoRALinear(torch.nn.Linear(64, 48).requires_grad_(False), 8, 2.0, dropout=0.1), x32)
