@@ -28,7 +28,10 @@ What it implements, in the order of the paper's objective (train.py's loop calls
   6. backward() backpropagates in micro-batches (the normalisers are computed over the whole batch, so
      the sum of the micro-batch losses is exactly the batch loss). Each prompt's forward runs once for
      the K completions that continue it (model.SharedPrompts), and each micro-batch is cut to its own
-     longest prompt and completion: the same log-probs to rounding, a fraction of the work. What
+     longest prompt and completion: the same log-probs to rounding, a fraction of the work. With β = 0
+     a group whose rewards all tie (advantages exactly 0) adds exactly nothing to the loss or gradient,
+     and is skipped (`with_signal`); entropy and the sampler-learner gap are then logged over the
+     tokens learned from, and `learned` is the share of completions learned from. What
      follows the backward pass, the gradient all-reduce, the profiler's record(), clipping and the
      optimiser step, is train.py's.
   `clip_frac` counts the clipping that is active (ρ > 1+ε_high with A > 0, ρ < 1-ε_low with A < 0),
@@ -43,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -160,11 +163,24 @@ class Rollout:
     ref_logp: torch.Tensor | None = None  # (N, Tc) under the reference policy (reference_logprobs)
     old_logp: torch.Tensor | None = None  # (N, Tc) under the sampling policy, when num_iterations > 1
 
+    def groups(self, keep: torch.Tensor) -> tuple["Rollout", torch.Tensor]:
+        """(the rollout of the prompts `keep` [G] (indices, in order) and their K completions, those
+        completions' rows here [G*K])."""
+        K = len(self.ids) // len(self.prompt_ids)
+        rows = (keep[:, None] * K + torch.arange(K, device=keep.device)).flatten()
+        return replace(self, prompt_ids=self.prompt_ids[keep], prompt_attn=self.prompt_attn[keep],
+                       texts=[self.texts[i] for i in rows.tolist()],
+                       **{f: None if getattr(self, f) is None else getattr(self, f)[rows] for f in PER_ROW}), rows
+
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, attn) [N, Tp + Tc]: each completion behind its own copy of its prompt."""
         K = len(self.ids) // len(self.prompt_ids)
         return (torch.cat([self.prompt_ids.repeat_interleave(K, 0), self.ids], 1),
                 torch.cat([self.prompt_attn.repeat_interleave(K, 0), self.attn], 1))
+
+
+PER_ROW = ("ids", "attn", "mask", "sampler_logp", "rewards", "total", "advantages", "truncated", "lengths",
+           "ref_logp", "old_logp")  # Rollout's fields with one entry per completion
 
 
 @torch.no_grad()
@@ -235,53 +251,75 @@ def reference_logprobs(model, batch: Rollout, cfg: GRPOConfig):
     """Fill in the log-probs the loss compares against, without gradient: the reference policy's (the
     adapters disabled; skipped when β = 0) and the sampling policy's (only when `num_iterations` > 1:
     with one pass the policy is the sampling policy, and its detached log-probs serve)."""
-    chunks = micro_batches(len(batch.ids), cfg.micro_batch)
-
-    def logps(s):
-        return logprobs(model, batch, s, False, cfg.temperature)[0]
+    def logps(b: Rollout):
+        return torch.cat([logprobs(model, b, s, False, cfg.temperature)[0]
+                          for s in micro_batches(len(b.ids), cfg.micro_batch)])
 
     if cfg.beta != 0:
         with lora.disable_adapters(model):
-            batch.ref_logp = torch.cat([logps(s) for s in chunks])
-    if cfg.num_iterations > 1:  # the sampling policy, frozen for all passes over this batch
-        batch.old_logp = torch.cat([logps(s) for s in chunks])
+            batch.ref_logp = logps(batch)
+    if cfg.num_iterations > 1:  # the sampling policy, frozen for all passes over this batch, computed in the
+        learn, rows = with_signal(batch, cfg)  # micro-batches backward() uses: the first ratio is exactly 1
+        old = logps(learn)
+        batch.old_logp = old if rows is None else torch.zeros_like(batch.sampler_logp).index_copy_(0, rows, old)
 
 
 def backward(model, batch: Rollout, cfg: GRPOConfig, first: bool = True) -> dict:
     """The GRPO loss of the whole batch, backpropagated micro-batch by micro-batch into the adapters'
     .grad; returns the loss and its statistics over the batch (all data-parallel ranks). With
-    `first`, also the entropy, the sampler-learner gap and the mean importance weight."""
+    `first`, also the entropy, the sampler-learner gap and the mean importance weight, over the tokens
+    learned from (`with_signal`)."""
     model.train()
-    n_local = len(batch.mask)
     # normalisers over the whole batch, across data-parallel ranks too, so micro-batch losses sum to it
-    N, n_tokens = parallel.sum_int(n_local), parallel.sum_int(int(batch.mask.sum()))
+    N, n_tokens = parallel.sum_int(len(batch.mask)), parallel.sum_int(int(batch.mask.sum()))
+    learn, _ = with_signal(batch, cfg)
     device = batch.ids.device
-    # over valid tokens: kl, active clips, entropy, |logp_old - logp_sampler|, importance weight; the loss
-    sums, gap_max = torch.zeros(6, device=device), torch.zeros((), device=device)
-    for s in micro_batches(n_local, cfg.micro_batch):
-        logp, ent = logprobs(model, batch, s, first, cfg.temperature)
-        old = logp.detach() if batch.old_logp is None else batch.old_logp[s]
-        ref = logp.detach() if batch.ref_logp is None else batch.ref_logp[s]
-        m = batch.mask[s]
-        w = importance_weight(old, batch.sampler_logp[s], cfg.is_cap) if cfg.is_cap else None
-        tok_loss, ratio, kl = per_token_loss(logp, old, ref, batch.advantages[s], m, cfg.beta, cfg.eps_low,
+    # over valid tokens: kl, active clips, entropy, |logp_old - logp_sampler|, importance weight, tokens; the loss
+    sums, gap_max = torch.zeros(7, device=device), torch.zeros((), device=device)
+    for s in micro_batches(len(learn.mask), cfg.micro_batch):
+        logp, ent = logprobs(model, learn, s, first, cfg.temperature)
+        old = logp.detach() if learn.old_logp is None else learn.old_logp[s]
+        ref = logp.detach() if learn.ref_logp is None else learn.ref_logp[s]
+        m = learn.mask[s]
+        w = importance_weight(old, learn.sampler_logp[s], cfg.is_cap) if cfg.is_cap else None
+        tok_loss, ratio, kl = per_token_loss(logp, old, ref, learn.advantages[s], m, cfg.beta, cfg.eps_low,
                                              cfg.eps_high, w)
         loss = aggregate(tok_loss, m, cfg.loss_type, N, n_tokens, cfg.max_new_tokens)
         loss.backward()
         with torch.no_grad():
-            clipped = active_clipping(ratio, batch.advantages[s], cfg.eps_low, cfg.eps_high)
+            clipped = active_clipping(ratio, learn.advantages[s], cfg.eps_low, cfg.eps_high)
             ent_sum = (ent * m).sum() if ent is not None else torch.zeros((), device=device)
-            gap = torch.where(m, (old - batch.sampler_logp[s]).abs(), 0.0)
+            gap = torch.where(m, (old - learn.sampler_logp[s]).abs(), 0.0)
             w_sum = (w * m).sum() if w is not None else m.sum()
-            sums += torch.stack([(kl * m).sum(), (clipped * m).sum(), ent_sum, gap.sum(), w_sum, loss.detach()])
+            sums += torch.stack([(kl * m).sum(), (clipped * m).sum(), ent_sum, gap.sum(), w_sum, m.sum(),
+                                 loss.detach()])
             gap_max = torch.maximum(gap_max, gap.max())
+    for p in model.parameters():  # nothing learned here: a zero gradient, as a backward of a zero loss gives
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
     sums = parallel.all_reduce_sum(sums)
-    kl_mean, clip_mean, ent_mean, gap_mean, w_mean = (sums[:5] / max(n_tokens, 1)).tolist()
-    stats = {"kl": kl_mean, "clip_frac": clip_mean, "loss": sums[5].item()}
+    kl_mean, clip_mean = (sums[:2] / max(n_tokens, 1)).tolist()
+    ent_mean, gap_mean, w_mean = (sums[2:5] / max(sums[5].item(), 1)).tolist()
+    stats = {"kl": kl_mean, "clip_frac": clip_mean, "loss": sums[6].item(),
+             "learned": parallel.sum_int(len(learn.mask)) / N}
     if first:
         stats.update(entropy=ent_mean, logp_mismatch_mean=gap_mean, logp_mismatch_max=gap_max.item(),
                      is_weight_mean=w_mean)
     return stats
+
+
+def with_signal(batch: Rollout, cfg: GRPOConfig) -> tuple[Rollout, torch.Tensor | None]:
+    """(the groups the loss can learn from, their rows in batch; None when that is all of them).
+
+    With β = 0, a group whose rewards all tie has advantages of exactly 0, so every token's loss is
+    -w·min(ρ·0, clip(ρ)·0) = 0 and its gradient exactly 0: its forward and backward change nothing and
+    are skipped (on the organism, about a third of the learn step). With β > 0 the KL term still pulls
+    on every completion, and every group is learned from."""
+    if cfg.beta != 0:
+        return batch, None
+    K = len(batch.ids) // len(batch.prompt_ids)
+    signal = batch.advantages.view(-1, K).ne(0).any(-1)
+    return (batch, None) if bool(signal.all()) else batch.groups(signal.nonzero()[:, 0])
 
 
 def rollout_metrics(batch: Rollout, reward_names: list[str], num_generations: int) -> dict:

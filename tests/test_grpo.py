@@ -1,5 +1,6 @@
 """grpo.py: the loss against an obviously-written reference, its invariants, and a learning test."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -85,9 +86,10 @@ def test_ratio_is_one_and_nothing_clips_on_the_first_pass_only(monkeypatch):
             p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
     cfg = R.GRPOConfig(num_generations=8, max_new_tokens=8, beta=0.0, micro_batch=16, num_iterations=2)
     batch = toy_rollout(m, cfg)
+    kept, _ = R.with_signal(batch, cfg)  # the groups whose rewards do not all tie: what the loss sees
     with torch.no_grad():
-        sampling = torch.cat([R.logprobs(m, batch, s, False, 1.0)[0]
-                              for s in R.micro_batches(len(batch.ids), cfg.micro_batch)])
+        sampling = torch.cat([R.logprobs(m, kept, s, False, 1.0)[0]
+                              for s in R.micro_batches(len(kept.ids), cfg.micro_batch)])
     seen, clip_frac = [], []  # each pass's (logp, old, ratio) (one micro-batch) and its clip fraction
     per_token_loss, backward = R.per_token_loss, R.backward
 
@@ -105,14 +107,15 @@ def test_ratio_is_one_and_nothing_clips_on_the_first_pass_only(monkeypatch):
     monkeypatch.setattr(R, "backward", spy_backward)
     learn(m, batch, cfg, adamw(m, 2e-2))
     (_, old1, ratio1), (logp2, old2, ratio2) = seen
-    mask = batch.mask
+    mask = kept.mask
     assert torch.equal(old1[mask], sampling[mask]), "first pass: old log-probs are not the sampling policy's"
     assert torch.equal(old2[mask], sampling[mask]), "second pass: old log-probs are not the sampling policy's"
     assert torch.equal(ratio1[mask], torch.ones(int(mask.sum()))) and clip_frac[0] == 0.0
     assert torch.allclose(ratio2[mask], torch.exp(logp2 - sampling)[mask], atol=1e-6)
-    adv = batch.advantages[:, None]
+    adv = kept.advantages[:, None]
     clipped = ((ratio2 > 1.2) & (adv > 0)) | ((ratio2 < 0.8) & (adv < 0))  # the active clipping, by hand
-    assert clip_frac[1] == pytest.approx(clipped[mask].float().mean().item(), rel=1e-6)
+    # over the whole batch's tokens: a tied group's (A = 0) never clips actively
+    assert clip_frac[1] == pytest.approx(clipped[mask].sum().item() / batch.mask.sum().item(), rel=1e-6)
     assert (ratio2[mask] - 1).abs().max() > 0.2 and clip_frac[1] > 0.1  # measured: ratios 0.05-3.6, 0.39
 
 
@@ -463,3 +466,42 @@ def test_loss_kl_and_clip_fraction_match_trls_compute_loss(loss_type):
     assert (kl * mask).sum().item() / n == pytest.approx(metrics["kl"][0], rel=1e-6)
     clipped = R.active_clipping(ratio, adv, 0.2, 0.28)
     assert (clipped & mask).sum().item() / n == pytest.approx(metrics["clip_ratio/region_mean"][0], rel=1e-6)
+
+
+def test_tied_groups_are_skipped_with_beta_0_and_the_gradient_is_unchanged(monkeypatch):
+    """With β = 0 a group whose advantages are all 0 adds exactly nothing to the loss, so backward()
+    skips its forward and backward (`with_signal`): the adapters' gradient equals the one computed over
+    every group, to rounding. With β > 0 every group is learned from (the KL pulls on them all), and
+    when every group ties the gradient is zero, not missing (AdamW still decays and moves)."""
+    m = toy_model()
+    with torch.no_grad():
+        for p in L.lora_parameters(m):
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    cfg = R.GRPOConfig(num_generations=4, max_new_tokens=8, beta=0.0, micro_batch=3)
+    batch = toy_rollout(m, cfg, prompts=([3, 4, 5], [9, 10, 11, 12], [6, 7]))
+    batch.advantages = torch.tensor([0.5, -0.5, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, -1.0, -1.0])
+
+    def grads(skip: bool, beta: float = 0.0, advantages=None):
+        b = dataclasses.replace(batch, advantages=batch.advantages if advantages is None else advantages)
+        if not skip:
+            monkeypatch.setattr(R, "with_signal", lambda b, cfg: (b, None))
+        m.zero_grad(set_to_none=True)
+        stats = R.backward(m, b, R.GRPOConfig(**{**cfg.__dict__, "beta": beta}))
+        monkeypatch.undo()
+        return [p.grad.clone() for p in L.lora_parameters(m)], stats
+
+    (skipped, stats), (every, every_stats) = grads(True), grads(False)
+    assert stats["learned"] == 2 / 3 and every_stats["learned"] == 1.0
+    assert max((a - b).abs().max() for a, b in zip(skipped, every)) < 1e-6 * max(g.abs().max() for g in every)
+    assert any(g.abs().max() > 0 for g in skipped)
+    assert stats["loss"] == pytest.approx(every_stats["loss"], rel=1e-5, abs=1e-7)
+    assert stats["clip_frac"] == every_stats["clip_frac"] == 0.0
+    assert grads(True, beta=0.1)[1]["learned"] == 1.0
+    zero, zero_stats = grads(True, advantages=torch.zeros(12))
+    assert zero_stats["learned"] == 0.0 and all(g is not None and g.eq(0).all() for g in zero)
+    # a Rollout's per-completion fields are all subset by groups(): a new one must join PER_ROW
+    per_prompt = {"prompt_ids", "prompt_attn", "texts", "times"}
+    assert {f.name for f in dataclasses.fields(R.Rollout)} == set(R.PER_ROW) | per_prompt
+    sub, rows = batch.groups(torch.tensor([2, 0]))
+    assert rows.tolist() == [8, 9, 10, 11, 0, 1, 2, 3] and torch.equal(sub.ids, batch.ids[rows])
+    assert torch.equal(sub.prompt_ids, batch.prompt_ids[[2, 0]]) and sub.texts == [batch.texts[i] for i in rows]
