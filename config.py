@@ -131,7 +131,7 @@ PRESETS = {
                  alpha=16.0, lr=2e-3, warmup_steps=1, eval_n=32, eval_every=6, eval_every_n=8, eval_max_new_tokens=32,
                  eval_batch=32, checkpoint_every=4, device="cpu", dynamic_every=3, dynamic_t_init=3,
                  dynamic_t_final=9, dynamic_window=3),
-    # one run, evaluation included, takes about 2 minutes on one CPU thread (BENCH.md); beta 0:
+    # one run, evaluation included, takes about 1.7 minutes on one CPU thread (BENCH.md); beta 0:
     # no KL term and no reference pass (the step line prints "kl off"), as in DAPO and Dr. GRPO
     "organism": dict(model=ORGANISM_MODEL, steps=60, prompts_per_step=8, num_generations=8, max_new_tokens=64,
                      rank=8, alpha=16.0, lr=2e-3, warmup_steps=5, lr_schedule="constant", beta=0.0, micro_batch=16,
