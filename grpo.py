@@ -169,7 +169,7 @@ class Rollout:
         K = len(self.ids) // len(self.prompt_ids)
         rows = (keep[:, None] * K + torch.arange(K, device=keep.device)).flatten()
         return replace(self, prompt_ids=self.prompt_ids[keep], prompt_attn=self.prompt_attn[keep],
-                       texts=[self.texts[i] for i in rows.tolist()],
+                       texts=[self.texts[i] for i in rows.tolist()] if self.texts else [],
                        **{f: None if getattr(self, f) is None else getattr(self, f)[rows] for f in PER_ROW}), rows
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,8 +260,12 @@ def reference_logprobs(model, batch: Rollout, cfg: GRPOConfig):
             batch.ref_logp = logps(batch)
     if cfg.num_iterations > 1:  # the sampling policy, frozen for all passes over this batch, computed in the
         learn, rows = with_signal(batch, cfg)  # micro-batches backward() uses: the first ratio is exactly 1
-        old = logps(learn)
-        batch.old_logp = old if rows is None else torch.zeros_like(batch.sampler_logp).index_copy_(0, rows, old)
+        if rows is None:
+            batch.old_logp = logps(learn)
+        else:  # the tied groups' rows are never read
+            batch.old_logp = torch.zeros_like(batch.sampler_logp)
+            if len(rows):
+                batch.old_logp.index_copy_(0, rows, logps(learn))
 
 
 def backward(model, batch: Rollout, cfg: GRPOConfig, first: bool = True) -> dict:
@@ -299,12 +303,13 @@ def backward(model, batch: Rollout, cfg: GRPOConfig, first: bool = True) -> dict
             p.grad = torch.zeros_like(p)
     sums = parallel.all_reduce_sum(sums)
     kl_mean, clip_mean = (sums[:2] / max(n_tokens, 1)).tolist()
-    ent_mean, gap_mean, w_mean = (sums[2:5] / max(sums[5].item(), 1)).tolist()
+    n_learned = sums[5].item()
+    ent_mean, gap_mean, w_mean = (sums[2:5] / n_learned).tolist() if n_learned else (None,) * 3
     stats = {"kl": kl_mean, "clip_frac": clip_mean, "loss": sums[6].item(),
              "learned": parallel.sum_int(len(learn.mask)) / N}
     if first:
-        stats.update(entropy=ent_mean, logp_mismatch_mean=gap_mean, logp_mismatch_max=gap_max.item(),
-                     is_weight_mean=w_mean)
+        stats.update(entropy=ent_mean, logp_mismatch_mean=gap_mean, is_weight_mean=w_mean,  # None: none learned
+                     logp_mismatch_max=gap_max.item() if n_learned else None)
     return stats
 
 
@@ -314,7 +319,9 @@ def with_signal(batch: Rollout, cfg: GRPOConfig) -> tuple[Rollout, torch.Tensor 
     With β = 0, a group whose rewards all tie has advantages of exactly 0, so every token's loss is
     -w·min(ρ·0, clip(ρ)·0) = 0 and its gradient exactly 0: its forward and backward change nothing and
     are skipped (on the organism, about a third of the learn step). With β > 0 the KL term still pulls
-    on every completion, and every group is learned from."""
+    on every completion, and every group is learned from. (A tied group's mean is exact, and its
+    advantages 0, when the rewards are sums of binary fractions, as with the default weights 1 and 0.5;
+    with other weights they may come out at rounding size, and such a group is learned from as before.)"""
     if cfg.beta != 0:
         return batch, None
     K = len(batch.ids) // len(batch.prompt_ids)

@@ -87,8 +87,8 @@ class FoldedLoRA(torch.autograd.Function):
         x, W, A, B = ctx.saved_tensors
         g, x2 = grad.flatten(0, -2), x.flatten(0, -2)  # (n, out), (n, in)
         grad_x = (g @ torch.addmm(W, B, A, alpha=ctx.scale)).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_A = ((g @ B).T @ x2).mul_(ctx.scale)  # (r, in)
-        grad_B = (g.T @ (x2 @ A.T)).mul_(ctx.scale)  # (out, r)
+        grad_A = ((g @ B).T @ x2).mul_(ctx.scale) if ctx.needs_input_grad[3] else None  # (r, in)
+        grad_B = (g.T @ (x2 @ A.T)).mul_(ctx.scale) if ctx.needs_input_grad[4] else None  # (out, r)
         return grad_x, None, None, grad_A, grad_B, None
 
 
@@ -155,7 +155,8 @@ class LoRALinear(nn.Module):
         if self.disabled or self.merged:
             return self.base_layer(x)
         W, no_dropout = self.base_layer.weight, isinstance(self.dropout, nn.Identity)
-        if no_dropout and x.dtype == W.dtype == self.A.dtype and not W.requires_grad:  # fp32 (the CPU)
+        frozen = not W.requires_grad and (self.base_layer.bias is None or not self.base_layer.bias.requires_grad)
+        if no_dropout and x.dtype == W.dtype == self.A.dtype and frozen:  # fp32 (the CPU)
             return FoldedLoRA.apply(x, W, self.base_layer.bias, self.A, self.B, self.scale)
         y = self.base_layer(x)
         if x.dtype != self.A.dtype and no_dropout:

@@ -499,6 +499,12 @@ def test_tied_groups_are_skipped_with_beta_0_and_the_gradient_is_unchanged(monke
     assert grads(True, beta=0.1)[1]["learned"] == 1.0
     zero, zero_stats = grads(True, advantages=torch.zeros(12))
     assert zero_stats["learned"] == 0.0 and all(g is not None and g.eq(0).all() for g in zero)
+    assert zero_stats["entropy"] is None and zero_stats["is_weight_mean"] is None  # not a measured 0
+    # two passes over a batch whose groups all tie: the old log-probs need no forward, and nothing learns
+    tied = dataclasses.replace(batch, advantages=torch.zeros(12))
+    two = R.GRPOConfig(**{**cfg.__dict__, "num_iterations": 2})
+    R.reference_logprobs(m, tied, two)
+    assert tied.old_logp.eq(0).all() and R.backward(m, tied, two, first=False)["learned"] == 0.0
     # a Rollout's per-completion fields are all subset by groups(): a new one must join PER_ROW
     per_prompt = {"prompt_ids", "prompt_attn", "texts", "times"}
     assert {f.name for f in dataclasses.fields(R.Rollout)} == set(R.PER_ROW) | per_prompt
