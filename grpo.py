@@ -318,7 +318,7 @@ def with_signal(batch: Rollout, cfg: GRPOConfig) -> tuple[Rollout, torch.Tensor 
 
     With β = 0, a group whose rewards all tie has advantages of exactly 0, so every token's loss is
     -w·min(ρ·0, clip(ρ)·0) = 0 and its gradient exactly 0: its forward and backward change nothing and
-    are skipped (on the organism, about a third of the learn step). With β > 0 the KL term still pulls
+    are skipped (on the organism, a quarter of the groups on average). With β > 0 the KL term still pulls
     on every completion, and every group is learned from. (A tied group's mean is exact, and its
     advantages 0, when the rewards are sums of binary fractions, as with the default weights 1 and 0.5;
     with other weights they may come out at rounding size, and such a group is learned from as before.)"""

@@ -70,8 +70,8 @@ class DownProjection(torch.autograd.Function):
 
 class FoldedLoRA(torch.autograd.Function):
     """y = x·(W + s·B·A)ᵀ + b for an fp32 base: the adapter folded into the weight, one large product
-    where the unfolded form takes three small ones and two passes over the output (on the organism's
-    learn step, 18% less time; the same values to fp32 rounding). Backward recomputes the folded weight
+    where the unfolded form takes three small ones and two passes over the output (on one organism
+    rollout's learn step, 15% less time; the same values to fp32 rounding). Backward recomputes the folded weight
     (out·in·r multiply-adds) rather than keep one per module, and takes A's and B's gradients from the
     r-wide products, as the unfolded form would. Only where W has the adapter's precision: folded into
     a bf16 weight, most of a small s·B·A would round away (BENCH.md)."""
