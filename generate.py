@@ -65,8 +65,10 @@ def generate(model: Qwen2, prompts: list[list[int]], *, max_new_tokens: int, sto
         logits = model(ids, mask, cache=cache, num_logits=1)[:, -1]  # prefill each prompt once: (B, V)
         logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V): its K samples' first token
 
-        def draw():  # this step's uniforms (greedy decoding draws none)
-            return None if temperature == 0 else uniforms(N, generator, device, noise_rows)
+        rows = torch.arange(N, device=device)  # the rows of `out` still being decoded
+
+        def draw():  # this step's uniforms, for the rows still decoded (greedy decoding draws none)
+            return None if temperature == 0 else uniforms(N, generator, device, noise_rows)[rows]
 
         nxt = sample_next(logits, temperature, top_k, top_p, draw())
         nxt_logp = token_logprob(logits, nxt, temperature)
@@ -74,16 +76,28 @@ def generate(model: Qwen2, prompts: list[list[int]], *, max_new_tokens: int, sto
         out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
         logp = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
         done = torch.zeros(N, dtype=torch.bool, device=device)
-        # Checking "all rows finished" syncs with the host; on a GPU do it only every few tokens.
+        # Checking which prompts have finished syncs with the host; on a GPU do it only every few tokens.
         every = stop_check_every or (16 if device.type == "cuda" else 1)
         for t in range(max_new_tokens):
             real = ~done  # rows still writing; finished rows get padding the model will not attend to
             tok = torch.where(real, nxt, pad_id)
-            out[:, t] = tok
-            logp[:, t] = torch.where(real, nxt_logp, 0.0)
+            out[rows, t] = tok
+            logp[rows, t] = torch.where(real, nxt_logp, 0.0)
             done = done | torch.isin(tok, stops)
-            if t + 1 == max_new_tokens or ((t + 1) % every == 0 and bool(done.all())):
+            if t + 1 == max_new_tokens:
                 break
+            if (t + 1) % every == 0:
+                finished = done.view(-1, num_samples).all(1)  # (prompts,): all their samples have stopped
+                if bool(finished.all()):
+                    break
+                if not compile and bool(finished.any()):
+                    # Eager decoding drops those prompts from the batch: its groups stop at different
+                    # lengths (on the organism a fifth of a rollout's row-steps came after their group
+                    # had stopped). A compiled step keeps its static shapes and computes them to the end.
+                    keep = (~finished).nonzero()[:, 0]
+                    cache.keep(keep)
+                    kept = (keep[:, None] * num_samples + torch.arange(num_samples, device=device)).flatten()
+                    rows, done, tok, real = rows[kept], done[kept], tok[kept], real[kept]
             if compile:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's output is consumed
             # Dynamo checks some 400 guards before each compiled call (5-10% of a small step). This call's

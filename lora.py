@@ -136,13 +136,17 @@ class LoRALinear(nn.Module):
     def capacity(self) -> int:
         return self.lora_A.weight.shape[0]
 
+    # The whole weight, not a slice of all of it, when every row is active (the usual case): autograd's
+    # backward of a slice allocates a zero tensor of the weight's size and copies the gradient into it.
     @property
     def A(self) -> torch.Tensor:
-        return self.lora_A.weight[:self.r]  # (r, in): the active rows
+        w = self.lora_A.weight
+        return w if self.r == w.shape[0] else w[:self.r]  # (r, in): the active rows
 
     @property
     def B(self) -> torch.Tensor:
-        return self.lora_B.weight[:, :self.r]  # (out, r)
+        w = self.lora_B.weight
+        return w if self.r == w.shape[1] else w[:, :self.r]  # (out, r)
 
     @property
     def merged(self) -> bool:

@@ -325,6 +325,13 @@ class KVCache:
         self.bias.index_copy_(2, self.slots, self.mask_bias[m][:, None, :].expand(-1, self.samples, -1))
         return positions, causal_bias(self.bias[:, None, :1, :self.used], self.slots)
 
+    def keep(self, prompts: torch.Tensor):
+        """Keep only these prompts (indices [B']) and their samples, as new tensors (eager decoding drops
+        prompts whose samples have all finished; a compiled step's cache never changes shape)."""
+        self.k, self.v = [k[prompts] for k in self.k], [v[prompts] for v in self.v]
+        self.bias, self.seen = self.bias[prompts], self.seen[prompts]
+        self.rows = len(prompts)
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store the new keys/values [B, n_kv, T, hd] in their slots; return the whole cache of this layer."""
         self.k[layer].index_copy_(2, self.slots, k)

@@ -189,3 +189,26 @@ def test_one_token_prompts_are_prefilled_as_prompts():
         with torch.no_grad():
             full = ours(torch.tensor([[(5, 9)[i // 3]] + out[i, :n].tolist()]))[0, :-1].log_softmax(-1)
         assert torch.allclose(logp[i, :n], full.gather(-1, out[i, :n, None])[:, 0], atol=1e-5)
+
+
+def test_prompts_whose_samples_all_stopped_leave_the_batch():
+    """Eager decoding drops a prompt once its K samples have all stopped: later steps run on fewer rows,
+    and every row gets the tokens, draws and log-probs it gets when nothing is dropped (a check only
+    every 1000 tokens)."""
+    ours = M.Qwen2(M.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    ours.init_weights(std=0.3, generator=torch.Generator().manual_seed(0))
+    prompts = [[5, 9, 2, 7], [8, 4], [3, 6, 10], [12, 13, 14, 15, 16]]
+    rows = []
+    hook = ours.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    kw = dict(max_new_tokens=40, stop_ids=[1, 2, 3, 4], pad_id=0, num_samples=3, temperature=1.0)
+    dropped = G.generate(ours, prompts, generator=torch.Generator().manual_seed(2), **kw)
+    decoded_rows = rows[1:]  # after the prefill
+    hook.remove()
+    kept = G.generate(ours, prompts, generator=torch.Generator().manual_seed(2), stop_check_every=1000, **kw)
+    assert decoded_rows[0] == 12 and 0 < min(decoded_rows) < 12  # prompts left the batch...
+    assert sorted(decoded_rows, reverse=True) == decoded_rows and len(set(decoded_rows)) > 2  # ...at several steps
+    T = dropped[0].shape[1]
+    assert (kept[0][:, T:] == 0).all()  # pad where the other run had stopped
+    assert torch.equal(dropped[0], kept[0][:, :T]) and torch.equal(dropped[1], kept[1][:, :T])
+    assert torch.allclose(dropped[2], kept[2][:, :T], atol=1e-6)

@@ -368,3 +368,16 @@ def test_fp32_adapter_is_folded_into_the_weight_with_exact_gradients():
                       x32.bfloat16())
     assert not folded(L.LoRALinear(torch.nn.Linear(64, 48), 8, 2.0), x32)  # the base trains too
     assert not folded(L.LoRALinear(torch.nn.Linear(64, 48).requires_grad_(False), 8, 2.0, dropout=0.1), x32)
+
+
+def test_an_adapter_at_full_capacity_hands_autograd_its_weights_not_slices():
+    """At r = capacity A and B are the parameters themselves: a slice of all of a weight costs its
+    backward a weight-sized zero tensor and a copy, per adapter per pass. Below capacity they are the
+    active rows, and the unused rows get no gradient."""
+    full = L.LoRALinear(torch.nn.Linear(8, 6).requires_grad_(False), r=4, scale=1.0)
+    assert full.A is full.lora_A.weight and full.B is full.lora_B.weight
+    part = L.LoRALinear(torch.nn.Linear(8, 6).requires_grad_(False), r=2, scale=1.0, capacity=4)
+    assert part.A.shape == (2, 8) and part.B.shape == (6, 2)
+    torch.nn.init.normal_(part.lora_B.weight)
+    part(torch.randn(3, 8)).sum().backward()
+    assert part.lora_A.weight.grad[2:].eq(0).all() and part.lora_A.weight.grad[:2].ne(0).all()
