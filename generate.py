@@ -42,7 +42,10 @@ def generate(model: Qwen2, prompts: list[list[int]], *, max_new_tokens: int, sto
     pad_id, log-prob 0). logprobs are fp32 log-probabilities of the drawn tokens under softmax(logits / T),
     before top-k/top-p truncation (the distribution GRPO's learner computes), T = 1 when greedy. compile=True
     runs the decode step through torch.compile (as a CUDA graph on a GPU): the same tokens, faster
-    once compiled, which takes seconds per new batch size or length bucket.
+    once compiled, which takes seconds per new batch size or length bucket. Eager decoding drops a
+    prompt from the batch once its samples have all stopped; a compiled step keeps its shapes. Finished
+    prompts are looked for every `stop_check_every` tokens (each look syncs with the host): 1 on the
+    CPU, 16 on a GPU.
     """
     # inference_mode skips autograd's bookkeeping on every op; its tensors cannot enter a backward
     # later (GRPO trains on these tokens), so the results are cloned outside it.
@@ -65,10 +68,13 @@ def generate(model: Qwen2, prompts: list[list[int]], *, max_new_tokens: int, sto
         logits = model(ids, mask, cache=cache, num_logits=1)[:, -1]  # prefill each prompt once: (B, V)
         logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V): its K samples' first token
 
-        rows = torch.arange(N, device=device)  # the rows of `out` still being decoded
+        rows = torch.arange(N, device=device)  # the rows of the output being decoded (all until prompts leave)
 
         def draw():  # this step's uniforms, for the rows still decoded (greedy decoding draws none)
-            return None if temperature == 0 else uniforms(N, generator, device, noise_rows)[rows]
+            if temperature == 0:
+                return None
+            u = uniforms(N, generator, device, noise_rows)
+            return u if len(rows) == N else u[rows]
 
         nxt = sample_next(logits, temperature, top_k, top_p, draw())
         nxt_logp = token_logprob(logits, nxt, temperature)
@@ -76,28 +82,32 @@ def generate(model: Qwen2, prompts: list[list[int]], *, max_new_tokens: int, sto
         out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
         logp = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
         done = torch.zeros(N, dtype=torch.bool, device=device)
-        # Checking which prompts have finished syncs with the host; on a GPU do it only every few tokens.
+        left, n_done = [], 0  # prompts that left the batch: (their rows, tokens, log-probs); rows stopped
+        # Counting the rows that have stopped syncs with the host; on a GPU do it only every few tokens.
         every = stop_check_every or (16 if device.type == "cuda" else 1)
         for t in range(max_new_tokens):
             real = ~done  # rows still writing; finished rows get padding the model will not attend to
             tok = torch.where(real, nxt, pad_id)
-            out[rows, t] = tok
-            logp[rows, t] = torch.where(real, nxt_logp, 0.0)
+            out[:, t] = tok
+            logp[:, t] = torch.where(real, nxt_logp, 0.0)
             done = done | torch.isin(tok, stops)
             if t + 1 == max_new_tokens:
                 break
             if (t + 1) % every == 0:
-                finished = done.view(-1, num_samples).all(1)  # (prompts,): all their samples have stopped
-                if bool(finished.all()):
+                now_done = int(done.sum())
+                if now_done == len(rows):
                     break
-                if not compile and bool(finished.any()):
-                    # Eager decoding drops those prompts from the batch: its groups stop at different
-                    # lengths (on the organism a fifth of a rollout's row-steps came after their group
-                    # had stopped). A compiled step keeps its static shapes and computes them to the end.
-                    keep = (~finished).nonzero()[:, 0]
-                    cache.keep(keep)
-                    kept = (keep[:, None] * num_samples + torch.arange(num_samples, device=device)).flatten()
-                    rows, done, tok, real = rows[kept], done[kept], tok[kept], real[kept]
+                if not compile and now_done > n_done:
+                    # Eager decoding drops prompts whose samples have all stopped: a batch's groups stop
+                    # at different lengths (a fifth of the organism's first rollout's row-steps came
+                    # after their group had stopped). A compiled step keeps its shapes and computes them.
+                    gone = done.view(-1, num_samples).all(1)  # (prompts,)
+                    if bool(gone.any()):
+                        cache.keep((~gone).nonzero()[:, 0])
+                        gone = gone.repeat_interleave(num_samples)  # (rows,)
+                        left.append((rows[gone], out[gone], logp[gone]))
+                        rows, out, logp, done, tok, real = (x[~gone] for x in (rows, out, logp, done, tok, real))
+                    n_done = int(done.sum())
             if compile:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's output is consumed
             # Dynamo checks some 400 guards before each compiled call (5-10% of a small step). This call's
@@ -106,6 +116,10 @@ def generate(model: Qwen2, prompts: list[list[int]], *, max_new_tokens: int, sto
             with (torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if compile and t > 0
                   else contextlib.nullcontext()):
                 nxt, nxt_logp = step(model, tok, real, cache, draw(), temperature, top_k, top_p)
+        if left:  # every row back in its place
+            order = torch.cat([r for r, _, _ in left] + [rows]).argsort()
+            out = torch.cat([o for _, o, _ in left] + [out])[order]
+            logp = torch.cat([lp for _, _, lp in left] + [logp])[order]
         out, logp = out[:, :t + 1], logp[:, :t + 1]
         # mask: real tokens up to and including the first stop
         is_stop = torch.isin(out, stops)
