@@ -105,9 +105,11 @@ def generate(model: Qwen2, prompts: list[list[int]], *, max_new_tokens: int, sto
                     if bool(gone.any()):
                         cache.keep((~gone).nonzero()[:, 0])
                         gone = gone.repeat_interleave(num_samples)  # (rows,)
+                        stay, gone = (~gone).nonzero()[:, 0], gone.nonzero()[:, 0]
                         left.append((rows[gone], out[gone], logp[gone]))
-                        rows, out, logp, done, tok, real = (x[~gone] for x in (rows, out, logp, done, tok, real))
-                    n_done = int(done.sum())
+                        rows, out, logp, done, tok, real = (x[stay] for x in (rows, out, logp, done, tok, real))
+                        now_done -= len(gone)
+                    n_done = now_done
             if compile:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's output is consumed
             # Dynamo checks some 400 guards before each compiled call (5-10% of a small step). This call's

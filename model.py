@@ -328,7 +328,8 @@ class KVCache:
     def keep(self, prompts: torch.Tensor):
         """Keep only these prompts (indices [B']) and their samples, as new tensors (eager decoding drops
         prompts whose samples have all finished; a compiled step's cache never changes shape)."""
-        self.k, self.v = [k[prompts] for k in self.k], [v[prompts] for v in self.v]
+        for i in range(len(self.k)):  # a layer at a time: never two whole caches at once
+            self.k[i], self.v[i] = self.k[i][prompts], self.v[i][prompts]
         self.bias, self.seen = self.bias[prompts], self.seen[prompts]
         self.rows = len(prompts)
 

@@ -191,25 +191,28 @@ def test_one_token_prompts_are_prefilled_as_prompts():
         assert torch.allclose(logp[i, :n], full.gather(-1, out[i, :n, None])[:, 0], atol=1e-5)
 
 
-def test_prompts_whose_samples_all_stopped_leave_the_batch():
-    """Eager decoding drops a prompt once its K samples have all stopped: later steps run on fewer rows,
-    and every row gets the tokens, draws and log-probs it gets when nothing is dropped (a check only
-    every 1000 tokens)."""
+@pytest.mark.parametrize("temperature, noise_rows, every", [(1.0, None, 1), (1.0, (12, 36), 3), (0.0, None, 1)])
+def test_prompts_whose_samples_all_stopped_leave_the_batch(temperature, noise_rows, every):
+    """Eager decoding drops a prompt at the first check after its K samples have all stopped: later steps
+    run on fewer rows, and every row gets the tokens, draws and log-probs it gets when nothing is dropped
+    (a check only every 1000 tokens); sampled, as a slice of a data-parallel batch, and greedy."""
     ours = M.Qwen2(M.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
     ours.init_weights(std=0.3, generator=torch.Generator().manual_seed(0))
     prompts = [[5, 9, 2, 7], [8, 4], [3, 6, 10], [12, 13, 14, 15, 16]]
     rows = []
     hook = ours.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
-    kw = dict(max_new_tokens=40, stop_ids=[1, 2, 3, 4], pad_id=0, num_samples=3, temperature=1.0)
-    dropped = G.generate(ours, prompts, generator=torch.Generator().manual_seed(2), **kw)
+    kw = dict(max_new_tokens=40, stop_ids=[1, 2, 3, 4], pad_id=0, num_samples=3, temperature=temperature,
+              noise_rows=noise_rows)
+    dropped = G.generate(ours, prompts, generator=torch.Generator().manual_seed(2), stop_check_every=every, **kw)
     decoded_rows = rows[1:]  # after the prefill
     hook.remove()
     kept = G.generate(ours, prompts, generator=torch.Generator().manual_seed(2), stop_check_every=1000, **kw)
     T = dropped[0].shape[1]
     longest = dropped[1].sum(-1).view(4, 3).max(-1).values  # each prompt's longest sample
-    # the step after token t decodes the prompts with a sample still writing, as soon as the rest stop
-    assert decoded_rows == [3 * int((longest > t + 1).sum()) for t in range(T - 1)]
+    leaves = -(-longest // every) * every  # the check after its last token, counted in tokens written
+    # the decode step after token t runs the prompts not yet dropped, as soon as a check finds them done
+    assert decoded_rows == [3 * int((leaves > t + 1).sum()) for t in range(T - 1)]
     assert decoded_rows[0] == 12 and len(set(decoded_rows)) > 2  # prompts left at several steps
     assert (kept[0][:, T:] == 0).all()  # pad where the other run had stopped
     assert torch.equal(dropped[0], kept[0][:, :T]) and torch.equal(dropped[1], kept[1][:, :T])
