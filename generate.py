@@ -82,7 +82,10 @@ def generate(model: Qwen2, prompts: list[list[int]], *, max_new_tokens: int, sto
         out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
         logp = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
         done = torch.zeros(N, dtype=torch.bool, device=device)
-        left, n_done = [], 0  # prompts that left the batch: (their rows, tokens, log-probs); rows stopped
+        # every row's tokens and log-probs; out and logp hold the rows still decoded (the same tensors
+        # until a prompt leaves the batch, its rows then written here)
+        all_out, all_logp = out, logp
+        n_done = 0  # rows found stopped at the last check
         # Counting the rows that have stopped syncs with the host; on a GPU do it only every few tokens.
         every = stop_check_every or (16 if device.type == "cuda" else 1)
         for t in range(max_new_tokens):
@@ -101,12 +104,12 @@ def generate(model: Qwen2, prompts: list[list[int]], *, max_new_tokens: int, sto
                     # Eager decoding drops prompts whose samples have all stopped: a batch's groups stop
                     # at different lengths (a fifth of the organism's first rollout's row-steps came
                     # after their group had stopped). A compiled step keeps its shapes and computes them.
-                    gone = done.view(-1, num_samples).all(1)  # (prompts,)
-                    if bool(gone.any()):
-                        cache.keep((~gone).nonzero()[:, 0])
-                        gone = gone.repeat_interleave(num_samples)  # (rows,)
-                        stay, gone = (~gone).nonzero()[:, 0], gone.nonzero()[:, 0]
-                        left.append((rows[gone], out[gone], logp[gone]))
+                    finished = done.view(-1, num_samples).all(1)  # (prompts,)
+                    if bool(finished.any()):
+                        cache.keep((~finished).nonzero()[:, 0])
+                        finished = finished.repeat_interleave(num_samples)  # (rows,)
+                        stay, gone = (~finished).nonzero()[:, 0], finished.nonzero()[:, 0]
+                        all_out[rows[gone]], all_logp[rows[gone]] = out[gone], logp[gone]
                         rows, out, logp, done, tok, real = (x[stay] for x in (rows, out, logp, done, tok, real))
                         now_done -= len(gone)
                     n_done = now_done
@@ -118,11 +121,9 @@ def generate(model: Qwen2, prompts: list[list[int]], *, max_new_tokens: int, sto
             with (torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if compile and t > 0
                   else contextlib.nullcontext()):
                 nxt, nxt_logp = step(model, tok, real, cache, draw(), temperature, top_k, top_p)
-        if left:  # every row back in its place
-            order = torch.cat([r for r, _, _ in left] + [rows]).argsort()
-            out = torch.cat([o for _, o, _ in left] + [out])[order]
-            logp = torch.cat([lp for _, _, lp in left] + [logp])[order]
-        out, logp = out[:, :t + 1], logp[:, :t + 1]
+        if len(rows) < N:  # the rows decoded to the end
+            all_out[rows], all_logp[rows] = out, logp
+        out, logp = all_out[:, :t + 1], all_logp[:, :t + 1]
         # mask: real tokens up to and including the first stop
         is_stop = torch.isin(out, stops)
         after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
